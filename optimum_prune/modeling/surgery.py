@@ -1,0 +1,248 @@
+"""Physical removal of heads, FFN neurons, sublayers and blocks: the weights are really gone.
+
+``apply_structure`` moves a model from the structure it has now to a target ``PruningConfig``; it
+is used both when pruning and at load time (on meta tensors, before the weights arrive). Copied
+beside the weights for ``trust_remote_code`` loading, so it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import ArchitectureAdapter, get_adapter, get_module, set_module
+from .pruning_config import PruningConfig, PruningConfigError
+
+
+class DroppedAttention(nn.Module):
+    """Stands in for a removed attention sublayer: adds nothing to the residual stream.
+
+    It still advances the KV cache by one 1-wide stub per token so that cache lengths (and so
+    positions and masks during ``generate``) stay right even when layer 0's attention is gone.
+    """
+
+    def __init__(self, layer_idx: int | None, out_features: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.out_features = out_features
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        if hidden_states is None:
+            hidden_states = kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if cache is not None and self.layer_idx is not None:
+            cache = getattr(cache, "self_attention_cache", cache)
+            stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[-2], 1)
+            cache.update(stub, stub, self.layer_idx)
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], self.out_features), None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, out_features={self.out_features}"
+
+
+class EmptyProjection(nn.Module):
+    """A removed FFN input projection: outputs zero features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], 0)
+
+
+class ZeroProjection(nn.Module):
+    """A removed output projection (no weights, no bias): its branch contributes zeros."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}"
+
+
+# ---------------------------------------------------------------------- tensor slicing
+def _out_dim(module: nn.Module) -> int:
+    """Axis of ``weight`` that indexes output features (Conv1D stores the transpose of Linear)."""
+    return 1 if isinstance(module, Conv1D) else 0
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[_out_dim(module)]
+
+
+def keep_outputs(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the output features ``keep`` of a Linear/Conv1D (weight rows and bias)."""
+    dim = _out_dim(module)
+    _replace_param(module, "weight", module.weight.data.index_select(dim, keep.to(module.weight.device)))
+    if module.bias is not None:
+        _replace_param(module, "bias", module.bias.data.index_select(0, keep.to(module.bias.device)))
+    if isinstance(module, Conv1D):
+        module.nf = len(keep)
+    else:
+        module.out_features = len(keep)
+
+
+def keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the input features ``keep`` of a Linear/Conv1D (bias unchanged)."""
+    dim = 1 - _out_dim(module)
+    _replace_param(module, "weight", module.weight.data.index_select(dim, keep.to(module.weight.device)))
+    if not isinstance(module, Conv1D):
+        module.in_features = len(keep)
+
+
+def _replace_param(module: nn.Module, name: str, data: torch.Tensor) -> None:
+    old = getattr(module, name)
+    new = nn.Parameter(data.contiguous(), requires_grad=old.requires_grad)
+    for attr in ("_is_hf_initialized",):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(module, name, new)
+
+
+# ---------------------------------------------------------------------- state of a model
+def current_structure(model: nn.Module) -> PruningConfig:
+    """The structure the model has now (an empty config, with its depth, for a dense model)."""
+    config = PruningConfig.from_model_config(model.config)
+    adapter = get_adapter(model)
+    if config is None:
+        return PruningConfig(num_original_layers=len(adapter.layers(model)))
+    return config
+
+
+def apply_structure(model: nn.Module, target: PruningConfig, current: PruningConfig | None = None) -> PruningConfig:
+    """Remove from ``model`` whatever ``target`` removes beyond ``current`` (default: the model's own).
+
+    Returns the full structure the model has afterwards (``current`` merged with ``target``). The
+    model's config is updated (depth, layer types, ``pruning_config``); classes are not touched.
+    """
+    adapter = get_adapter(model)
+    config = model.config
+    current = current_structure(model) if current is None else current
+    num_original = current.num_original_layers
+    if num_original is None:
+        raise PruningConfigError("the model's `pruning_config` lacks `num_original_layers`")
+    dims = adapter.dims(config, num_layers=num_original)
+    merged = current.merge(target)
+    merged.num_original_layers = num_original
+    merged.validate(dims)
+
+    layers = adapter.layers(model)
+    kept_before = current.kept_layers()
+    if len(kept_before) != len(layers):
+        raise PruningConfigError(
+            f"the model has {len(layers)} blocks but its `pruning_config` keeps {len(kept_before)} of "
+            f"{num_original}; the config does not describe this model"
+        )
+    with torch.no_grad():
+        for block, orig in zip(layers, kept_before):
+            if orig in merged.drop_layers:
+                continue
+            _apply_attention(adapter, config, block, orig, current, merged, dims)
+            _apply_mlp(adapter, config, block, orig, current, merged, dims)
+        kept_after = merged.kept_layers()
+        if kept_after != kept_before:
+            _drop_blocks(adapter, model, kept_before, kept_after)
+    config.pruning_config = merged.to_dict()
+    return merged
+
+
+def _apply_attention(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig: int,
+                     current: PruningConfig, target: PruningConfig, dims) -> None:
+    if orig in current.drop_attention:
+        return
+    core = adapter.attention_core(block)
+    if orig in target.drop_attention:
+        out_inside = adapter.attention_out.startswith(adapter.attention + ".")
+        hidden = out_features(get_module(block, adapter.attention_out))
+        set_module(block, adapter.attention, DroppedAttention(getattr(core, "layer_idx", None),
+                                                              hidden if out_inside else 0))
+        if not out_inside:
+            set_module(block, adapter.attention_out, ZeroProjection(hidden))
+        pre_norm = adapter.attention_pre_norm(config)
+        if pre_norm:
+            set_module(block, pre_norm, nn.Identity())
+        return
+    have = set(current.remove_heads.get(orig, []))
+    want = set(target.remove_heads.get(orig, []))
+    if want == have:
+        return
+    r = dims.heads_per_group
+    kept_q_before = [h for h in range(dims.num_heads) if h not in have]
+    kept_q_after = [h for h in range(dims.num_heads) if h not in want]
+    kept_g_before = sorted({h // r for h in kept_q_before})
+    kept_g_after = sorted({h // r for h in kept_q_after})
+    hd = dims.head_dim
+    q_keep = _head_channels([kept_q_before.index(h) for h in kept_q_after], hd)
+    kv_keep = _head_channels([kept_g_before.index(g) for g in kept_g_after], hd)
+    sizes = {"q": len(kept_q_before) * hd, "k": len(kept_g_before) * hd, "v": len(kept_g_before) * hd}
+    for proj in adapter.attention_in:
+        module = get_module(block, proj.path)
+        pieces, offset = [], 0
+        for part in proj.parts:
+            keep = q_keep if part == "q" else kv_keep
+            pieces.append(keep + offset)
+            offset += sizes[part]
+        keep_outputs(module, torch.cat(pieces))
+    keep_inputs(get_module(block, adapter.attention_out), q_keep)
+    n_q, n_kv = len(kept_q_after), len(kept_g_after)
+    values = {"heads": n_q, "kv_heads": n_kv, "groups": n_q // n_kv, "width": n_q * hd}
+    for attr, kind in adapter.head_attributes.items():
+        if hasattr(core, attr):
+            setattr(core, attr, values[kind])
+
+
+def _head_channels(head_positions: list[int], head_dim: int) -> torch.Tensor:
+    if not head_positions:
+        return torch.zeros(0, dtype=torch.long)
+    pos = torch.tensor(head_positions, dtype=torch.long)
+    return (pos[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig: int,
+               current: PruningConfig, target: PruningConfig, dims) -> None:
+    if orig in current.drop_mlp:
+        return
+    if orig in target.drop_mlp:
+        hidden = out_features(get_module(block, adapter.mlp_out))
+        for path in adapter.mlp_in:
+            set_module(block, path, EmptyProjection())
+        set_module(block, adapter.mlp_out, ZeroProjection(hidden))
+        pre_norm = adapter.mlp_pre_norm(config)
+        if pre_norm:
+            set_module(block, pre_norm, nn.Identity())
+        return
+    have = set(current.remove_neurons.get(orig, []))
+    want = set(target.remove_neurons.get(orig, []))
+    if want == have:
+        return
+    kept_before = [i for i in range(dims.intermediate_size) if i not in have]
+    position = {n: p for p, n in enumerate(kept_before)}
+    keep = torch.tensor([position[n] for n in kept_before if n not in want], dtype=torch.long)
+    ins, out = adapter.mlp_linears(block)
+    for module in ins:
+        keep_outputs(module, keep)
+    keep_inputs(out, keep)
+
+
+def _drop_blocks(adapter: ArchitectureAdapter, model: nn.Module, kept_before: list[int], kept_after: list[int]) -> None:
+    layers = adapter.layers(model)
+    config = model.config
+    survivors = [(orig, layers[kept_before.index(orig)]) for orig in kept_after]
+    new_layers = nn.ModuleList([block for _, block in survivors])
+    for new_idx, (orig, block) in enumerate(survivors):
+        core = adapter.attention_core(block)
+        for module in (block, core):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+        if adapter.after_reindex is not None:
+            adapter.after_reindex(block, new_idx, orig, config)
+    set_module(model.base_model, adapter.layers_path, new_layers)
+    key = adapter.layer_types_key
+    layer_types = getattr(config, key, None) if key else None
+    if layer_types is not None and len(layer_types) == len(kept_before):
+        setattr(config, key, [layer_types[kept_before.index(orig)] for orig in kept_after])
+    config.num_hidden_layers = len(kept_after)
