@@ -1,0 +1,167 @@
+"""Tiny random models of every supported family, and the structures the tests remove from them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import transformers
+from torch import nn
+
+from optimum_prune import PruningConfig, get_adapter
+from optimum_prune.modeling.adapters import get_module
+
+VOCAB = 96
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model factory plus what the tests need to know about it."""
+
+    name: str
+    make_config: Callable[[], transformers.PretrainedConfig]
+    auto_class: str
+    pre_ln: bool = True
+    generates: bool = True
+
+    def build(self, seed: int = 0) -> transformers.PreTrainedModel:
+        torch.manual_seed(seed)
+        model = getattr(transformers, self.auto_class).from_config(self.make_config())
+        # Random init leaves norms at 1 and biases at 0: randomize them so their slicing is exercised too.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name.lower():
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model.eval()
+
+
+def _llama(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    base.update(kw)
+    return base
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("llama-gqa", lambda: transformers.LlamaConfig(**_llama()), "AutoModelForCausalLM"),
+    Family("llama-mha-tied", lambda: transformers.LlamaConfig(**_llama(num_key_value_heads=4, tie_word_embeddings=True)),
+           "AutoModelForCausalLM"),
+    Family("mistral", lambda: transformers.MistralConfig(**_llama(sliding_window=None)), "AutoModelForCausalLM"),
+    Family("qwen2", lambda: transformers.Qwen2Config(**_llama()), "AutoModelForCausalLM"),
+    Family("qwen3", lambda: transformers.Qwen3Config(**_llama(head_dim=8)), "AutoModelForCausalLM"),
+    Family("opt", lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=4,
+                                                 num_attention_heads=4, word_embed_proj_dim=32,
+                                                 max_position_embeddings=64), "AutoModelForCausalLM"),
+    Family("gpt2", lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_inner=48,
+                                                   n_positions=64), "AutoModelForCausalLM"),
+    Family("bert", lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+                                                   num_attention_heads=4, intermediate_size=48,
+                                                   max_position_embeddings=64), "AutoModel", pre_ln=False,
+           generates=False),
+    Family("bert-mlm", lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+                                                       num_attention_heads=4, intermediate_size=48,
+                                                       max_position_embeddings=64), "AutoModelForMaskedLM",
+           pre_ln=False, generates=False),
+    Family("bert-cls", lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+                                                       num_attention_heads=4, intermediate_size=48, num_labels=3,
+                                                       max_position_embeddings=64),
+           "AutoModelForSequenceClassification", pre_ln=False, generates=False),
+]}
+
+# Valid for 4 query heads sharing 2 KV heads: a whole KV group, and one head from each group.
+STRUCTURES: dict[str, PruningConfig] = {
+    "heads": PruningConfig(remove_heads={0: [0, 1], 2: [1, 3]}),
+    "neurons": PruningConfig(remove_neurons={0: [0, 5, 7], 3: list(range(20))}),
+    "drop_attention": PruningConfig(drop_attention=[0, 2]),
+    "drop_mlp": PruningConfig(drop_mlp=[1]),
+    "drop_layers": PruningConfig(drop_layers=[1]),
+    "mixed": PruningConfig(remove_heads={3: [0, 2]}, remove_neurons={0: [1, 2, 3]}, drop_attention=[0],
+                           drop_mlp=[2], drop_layers=[1]),
+}
+
+
+def inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=g),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+
+
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _zero_inputs(module: nn.Module, columns: torch.Tensor) -> None:
+    """Zero input features of a Linear ((out, in) weight) or Conv1D ((in, out) weight)."""
+    if isinstance(module, transformers.pytorch_utils.Conv1D):
+        module.weight[columns, :] = 0
+    else:
+        module.weight[:, columns] = 0
+
+
+def _zero_all(module: nn.Module) -> None:
+    module.weight.zero_()
+    if module.bias is not None:
+        module.bias.zero_()
+
+
+def zeroed_reference(model: nn.Module, structure: PruningConfig, *, include_drop_layers: bool) -> nn.Module:
+    """The dense model with exactly the removed structures' output weights set to zero."""
+    ref = copy.deepcopy(model)
+    adapter = get_adapter(ref)
+    dims = adapter.dims(ref.config)
+    layers = adapter.layers(ref)
+    hd = dims.head_dim
+    with torch.no_grad():
+        for layer, heads in structure.remove_heads.items():
+            cols = torch.tensor([h * hd + i for h in heads for i in range(hd)])
+            _zero_inputs(get_module(layers[layer], adapter.attention_out), cols)
+        for layer, neurons in structure.remove_neurons.items():
+            _zero_inputs(get_module(layers[layer], adapter.mlp_out), torch.tensor(neurons))
+        gone = set(structure.drop_layers) if include_drop_layers else set()
+        for layer in set(structure.drop_attention) | gone:
+            _zero_all(get_module(layers[layer], adapter.attention_out))
+        for layer in set(structure.drop_mlp) | gone:
+            _zero_all(get_module(layers[layer], adapter.mlp_out))
+    return ref
+
+
+def removed_parameter_count(model: nn.Module, structure: PruningConfig) -> int:
+    """Parameters that removing ``structure`` must delete from the dense ``model``, counted by hand."""
+    adapter = get_adapter(model)
+    dims = adapter.dims(model.config)
+    layers = adapter.layers(model)
+    H, hd = dims.hidden_size, dims.head_dim
+    total = 0
+    for layer, block in enumerate(layers):
+        if layer in structure.drop_layers:
+            total += sum(p.numel() for p in block.parameters())
+            continue
+        if layer in structure.drop_attention:
+            mods = {adapter.attention, adapter.attention_out}
+            pre = adapter.attention_pre_norm(model.config)
+            mods |= {pre} if pre else set()
+            # count each module once even when one contains another
+            counted = {id(p): p for m in mods for p in get_module(block, m).parameters()}
+            total += sum(p.numel() for p in counted.values())
+        elif layer in structure.remove_heads:
+            heads = structure.remove_heads[layer]
+            groups_gone = sum(1 for c in dims.kept_heads_per_kv_group(heads) if c == 0)
+            q_bias = any(get_module(block, p.path).bias is not None for p in adapter.attention_in)
+            per_head = hd * H + (hd if q_bias else 0)
+            total += len(heads) * (per_head + hd * H)  # q rows (+bias) and out-proj columns
+            total += groups_gone * 2 * per_head  # k and v rows (+bias)
+        if layer in structure.drop_mlp:
+            mods = {*adapter.mlp_in, adapter.mlp_out}
+            pre = adapter.mlp_pre_norm(model.config)
+            mods |= {pre} if pre else set()
+            total += sum(p.numel() for m in mods for p in get_module(block, m).parameters())
+        elif layer in structure.remove_neurons:
+            n = len(structure.remove_neurons[layer])
+            for path in adapter.mlp_in:
+                total += n * (H + (1 if get_module(block, path).bias is not None else 0))
+            total += n * H
+    return total
