@@ -178,7 +178,10 @@ def get_adapter(config_or_model: Any) -> ArchitectureAdapter:
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    arch = (getattr(config, "architectures", None) or [model_type or type(config).__name__])[0]
+    if isinstance(config_or_model, nn.Module):
+        arch = type(config_or_model).__name__
+    else:
+        arch = (getattr(config, "architectures", None) or [model_type or type(config).__name__])[0]
     raise UnsupportedArchitectureError(
         f"optimum-prune does not support the architecture {arch!r} (model_type {model_type!r}). "
         f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. "

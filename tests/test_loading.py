@@ -1,0 +1,101 @@
+"""Loading for pruning: GGUF files become savable models; bad input fails clearly; saves are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from gguf_writer import write_llama_gguf
+from optimum_prune import Pruner, PruningConfig, UnsupportedArchitectureError
+from zoo import FAMILIES, inputs, outputs
+
+pytest.importorskip("gguf")
+
+
+def _tiny_llama(tie: bool) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_loads_as_a_savable_model(tie, tmp_path):
+    dense = _tiny_llama(tie)
+    write_llama_gguf(dense, str(tmp_path / "tiny.gguf"))
+    pruner = Pruner.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    batch = inputs()
+    torch.testing.assert_close(outputs(pruner.model, batch), outputs(dense, batch), atol=1e-5, rtol=0)
+    assert getattr(pruner.model.config, "quantization_config", None) is None
+    pruner.apply(PruningConfig(remove_heads={0: [0, 1]}, drop_mlp=[1]))
+    expected = outputs(pruner.model, batch)
+    pruner.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_gguf_file_path_directly(tmp_path):
+    write_llama_gguf(_tiny_llama(False), str(tmp_path / "tiny.gguf"))
+    pruner = Pruner.from_pretrained(str(tmp_path / "tiny.gguf"), gguf_file="tiny.gguf")
+    pruner.save_pretrained(tmp_path / "plain")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "plain").model_type == "llama"
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    model = transformers.T5ForConditionalGeneration(config)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'T5ForConditionalGeneration'.*llama, mistral, qwen2, "
+                                                          r"qwen3, opt, gpt2, bert"):
+        Pruner(model)
+
+
+def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    config.save_pretrained(tmp_path)  # no weights at all: the error must come from the config alone
+    with pytest.raises(UnsupportedArchitectureError, match="Supported model types"):
+        Pruner.from_pretrained(str(tmp_path))
+
+
+def test_local_directory_round_trip_keeps_the_head(tmp_path):
+    FAMILIES["bert-cls"].build().save_pretrained(tmp_path / "dense")
+    pruner = Pruner.from_pretrained(str(tmp_path / "dense"), tokenizer=False)
+    assert isinstance(pruner.model, transformers.BertForSequenceClassification)
+    pruner.apply(PruningConfig(remove_neurons={0: [1, 2]}))
+    pruner.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["PrunedBertForSequenceClassification"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruner.apply(PruningConfig(remove_heads={0: [0, 1]}))
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(pruner.model.config), "save_pretrained", explode)
+    with pytest.raises(OSError, match="disk full"):
+        pruner.save_pretrained(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_the_previous_output(tmp_path, monkeypatch):
+    pruner = Pruner(FAMILIES["gpt2"].build())
+    pruner.save_pretrained(tmp_path / "out")
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    pruner.apply(PruningConfig(drop_mlp=[0]))
+    monkeypatch.setattr(type(pruner.model.config), "save_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pruner.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").model_type == "gpt2"
