@@ -223,57 +223,45 @@ class PruningConfig:
             raise PruningConfigError(
                 f"`num_original_layers` is {self.num_original_layers} but the model has {n} layers"
             )
-        for name in ("drop_attention", "drop_mlp", "drop_layers"):
-            for layer in getattr(self, name):
+        layer_fields = {name: list(getattr(self, name)) for name in ("drop_attention", "drop_mlp", "drop_layers")}
+        layer_fields.update({name: list(getattr(self, name)) for name in ("remove_heads", "remove_neurons")})
+        for name, layers in layer_fields.items():
+            for layer in layers:
                 if not 0 <= layer < n:
                     raise PruningConfigError(f"`{name}` has layer {layer}, out of range: valid layers are 0..{n - 1}")
         if len(self.drop_layers) >= n:
             raise PruningConfigError(f"`drop_layers` removes all {n} layers; keep at least one")
         for layer, heads in self.remove_heads.items():
-            if not 0 <= layer < n:
-                raise PruningConfigError(f"`remove_heads` has layer {layer}, out of range: valid layers are 0..{n - 1}")
-            bad = [h for h in heads if not 0 <= h < dims.num_heads]
-            if bad:
-                raise PruningConfigError(
-                    f"`remove_heads[{layer}]` has head(s) {bad}, out of range: the model has "
-                    f"{dims.num_heads} query heads (0..{dims.num_heads - 1}) per layer"
-                )
-            if layer in self.drop_attention or layer in self.drop_layers:
-                continue
-            if len(heads) == dims.num_heads:
-                raise PruningConfigError(
-                    f"`remove_heads[{layer}]` removes every head of layer {layer}; to remove the attention "
-                    f"sublayer, put {layer} in `drop_attention` instead"
-                )
-            kept_per_group = dims.kept_heads_per_kv_group(heads)
-            alive = sorted({c for c in kept_per_group if c > 0})
-            if len(alive) > 1:
-                raise PruningConfigError(
-                    f"`remove_heads[{layer}]` leaves KV groups with unequal query heads {kept_per_group} "
-                    f"({dims.num_heads} query heads share {dims.num_kv_heads} key/value heads, "
-                    f"{dims.num_heads // dims.num_kv_heads} per group). Rule: every KV group that keeps "
-                    "query heads must keep the same number of them — remove whole KV groups, or the same "
-                    "number of query heads from each group"
-                )
+            if self._check_units("remove_heads", layer, heads, dims.num_heads, "query heads", "drop_attention"):
+                kept_per_group = dims.kept_heads_per_kv_group(heads)
+                if len({c for c in kept_per_group if c > 0}) > 1:
+                    raise PruningConfigError(
+                        f"`remove_heads[{layer}]` leaves KV groups with unequal query heads {kept_per_group} "
+                        f"({dims.num_heads} query heads share {dims.num_kv_heads} key/value heads, "
+                        f"{dims.heads_per_group} per group). Rule: every KV group that keeps query heads must "
+                        "keep the same number of them — remove whole KV groups, or the same number of query "
+                        "heads from each group"
+                    )
         for layer, neurons in self.remove_neurons.items():
-            if not 0 <= layer < n:
-                raise PruningConfigError(
-                    f"`remove_neurons` has layer {layer}, out of range: valid layers are 0..{n - 1}"
-                )
-            bad = [i for i in neurons if not 0 <= i < dims.intermediate_size]
-            if bad:
-                shown = bad[:5]
-                raise PruningConfigError(
-                    f"`remove_neurons[{layer}]` has index(es) {shown}{'...' if len(bad) > 5 else ''}, out of "
-                    f"range: the FFN has {dims.intermediate_size} neurons (0..{dims.intermediate_size - 1})"
-                )
-            if layer in self.drop_mlp or layer in self.drop_layers:
-                continue
-            if len(neurons) == dims.intermediate_size:
-                raise PruningConfigError(
-                    f"`remove_neurons[{layer}]` removes every FFN neuron of layer {layer}; to remove the MLP "
-                    f"sublayer, put {layer} in `drop_mlp` instead"
-                )
+            self._check_units("remove_neurons", layer, neurons, dims.intermediate_size, "FFN neurons", "drop_mlp")
+
+    def _check_units(self, name: str, layer: int, indices: list[int], total: int, unit: str, drop_field: str) -> bool:
+        """Range-check one layer's unit indices; True when the layer's sublayer survives (more checks apply)."""
+        bad = [i for i in indices if not 0 <= i < total]
+        if bad:
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise PruningConfigError(
+                f"`{name}[{layer}]` has index(es) [{shown}], out of range: each layer has {total} {unit} "
+                f"(0..{total - 1})"
+            )
+        if layer in getattr(self, drop_field) or layer in self.drop_layers:
+            return False
+        if len(indices) == total:
+            raise PruningConfigError(
+                f"`{name}[{layer}]` removes all {unit} of layer {layer}; to remove the sublayer, put {layer} "
+                f"in `{drop_field}` instead"
+            )
+        return True
 
 
 @dataclass(frozen=True)
