@@ -75,7 +75,8 @@ class Pruner:
         if structure.is_structured and not isinstance(self.model, PrunedModelMixin):
             self.model.__class__ = pruned_model_class(self.model)
             self.model.config.__class__ = pruned_config_class(base_model_type(self.model.config.model_type))
-        logger.info("pruned: %s", self.summary().to_markdown().splitlines()[2])
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("pruned: %s", self.summary().to_markdown().splitlines()[2])
         return self.model
 
     def summary(self) -> PruningSummary:
