@@ -99,3 +99,13 @@ def test_failed_save_keeps_the_previous_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").model_type == "gpt2"
+
+
+def test_gpt2_with_layer_index_scaling_refuses_to_renumber_blocks():
+    config = FAMILIES["gpt2"].make_config()
+    config.scale_attn_by_inverse_layer_idx = True
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(Exception, match="use `drop_attention` and `drop_mlp`"):
+        Pruner(model).apply(PruningConfig(drop_layers=[1]))
+    assert len(model.transformer.h) == 4
+    Pruner(model).apply(PruningConfig(drop_attention=[1], drop_mlp=[1]))  # the suggested fix works

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .pruning_config import ModelDims
+from .pruning_config import ModelDims, PruningConfigError
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -58,8 +58,8 @@ class ArchitectureAdapter:
     num_kv_heads: Callable[[Any], int] = lambda config: config.num_attention_heads
     layer_types_key: str | None = None
     """Config list with one entry per layer, sliced when blocks are dropped."""
-    after_reindex: Callable[[nn.Module, int, int, Any], None] | None = None
-    """Hook for families whose attention depends on its layer index: (block, new, original, config)."""
+    check_structure: Callable[[Any, Any], None] | None = None
+    """Family-specific limits, called with (config, PruningConfig) before any weight is touched."""
 
     # ------------------------------------------------------------------ dimensions
     def dims(self, config: Any, num_layers: int | None = None) -> ModelDims:
@@ -94,12 +94,14 @@ def _opt_pre_norm(name: str) -> Callable[[Any], str | None]:
     return lambda config: name if getattr(config, "do_layer_norm_before", True) else None
 
 
-def _gpt2_rescale(block: nn.Module, new_idx: int, orig_idx: int, config: Any) -> None:
-    """GPT-2 can scale attention by 1/(layer_idx+1): keep the ORIGINAL layer's scale after renumbering."""
-    attn = block.attn
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and hasattr(attn, "scaling"):
-        base = attn.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        attn.scaling = base / float(orig_idx + 1)
+def _gpt2_check(config: Any, structure: Any) -> None:
+    """GPT-2 may scale attention by 1/(layer_idx+1); renumbered blocks would reload with other scales."""
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and structure.drop_layers:
+        raise PruningConfigError(
+            "this GPT-2 scales attention by its layer index (scale_attn_by_inverse_layer_idx=True), so its "
+            "blocks cannot be renumbered: use `drop_attention` and `drop_mlp` for those layers instead of "
+            "`drop_layers`"
+        )
 
 
 _LLAMA_STYLE = dict(
@@ -147,7 +149,7 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         mlp_pre_norm=lambda config: "ln_2",
         head_attributes={"num_heads": "heads", "split_size": "width"},
         intermediate_size=lambda config: config.n_inner or 4 * config.hidden_size,
-        after_reindex=_gpt2_rescale,
+        check_structure=_gpt2_check,
     ),
     ArchitectureAdapter(
         name="bert",

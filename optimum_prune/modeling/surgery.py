@@ -129,6 +129,8 @@ def apply_structure(model: nn.Module, target: PruningConfig, current: PruningCon
     merged = current.merge(target)
     merged.num_original_layers = num_original
     merged.validate(dims)
+    if adapter.check_structure is not None:
+        adapter.check_structure(config, merged)
 
     layers = adapter.layers(model)
     kept_before = current.kept_layers()
@@ -231,15 +233,12 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
 def _drop_blocks(adapter: ArchitectureAdapter, model: nn.Module, kept_before: list[int], kept_after: list[int]) -> None:
     layers = adapter.layers(model)
     config = model.config
-    survivors = [(orig, layers[kept_before.index(orig)]) for orig in kept_after]
-    new_layers = nn.ModuleList([block for _, block in survivors])
-    for new_idx, (orig, block) in enumerate(survivors):
+    new_layers = nn.ModuleList([layers[kept_before.index(orig)] for orig in kept_after])
+    for new_idx, block in enumerate(new_layers):
         core = adapter.attention_core(block)
         for module in (block, core):
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-        if adapter.after_reindex is not None:
-            adapter.after_reindex(block, new_idx, orig, config)
     set_module(model.base_model, adapter.layers_path, new_layers)
     key = adapter.layer_types_key
     layer_types = getattr(config, key, None) if key else None
