@@ -32,7 +32,9 @@ class DroppedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         if hidden_states is None:
             hidden_states = kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        # transformers >= 5.24 passes the cache as `cache`; earlier 5.x releases as `past_key_values`.
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
         if cache is not None and self.layer_idx is not None:
             cache = getattr(cache, "self_attention_cache", cache)
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[-2], 1)
