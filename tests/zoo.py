@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import string
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import transformers
+from tokenizers import Tokenizer, models
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from optimum_prune import PruningConfig, get_adapter
 from optimum_prune.modeling.adapters import get_module
@@ -165,3 +168,17 @@ def removed_parameter_count(model: nn.Module, structure: PruningConfig) -> int:
                 total += n * (H + (1 if get_module(block, path).bias is not None else 0))
             total += n * H
     return total
+
+
+CHARS = string.ascii_letters + string.digits + " \n.,;:!?'\"-()"
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n" + "Pack my box with five dozen liquor jugs!\n") * 6
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (a BPE model without merges), ids below the zoo's vocabulary size."""
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    assert len(vocab) <= VOCAB
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  unk_token="<unk>")
+    tok.model_max_length = 64
+    return tok
