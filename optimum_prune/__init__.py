@@ -9,7 +9,9 @@ __version__ = "0.1.0"
 from .modeling.adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
 from .modeling.modeling_pruned import register as _register
 from .modeling.pruning_config import PruningConfig, PruningConfigError
+from .calibration import get_calibration_data
 from .pruner import Pruner
+from .quantizer import Quantizer
 from .report import PruningSummary
 
 _register()
@@ -17,6 +19,8 @@ _register()
 __all__ = [
     "ArchitectureAdapter",
     "Pruner",
+    "Quantizer",
+    "get_calibration_data",
     "PruningConfig",
     "PruningConfigError",
     "PruningSummary",

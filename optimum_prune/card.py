@@ -26,9 +26,10 @@ def build_model_card(
     pipeline_tag: str | None,
     load_class: str,
     repo_id: str | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> ModelCard:
     """A card with Hub metadata, what was removed, the parameter reduction and any measured figures."""
-    tags = ["optimum-prune", "pruned"]
+    tags = ["optimum-prune", "pruned"] if not quantization else ["optimum-prune", "compressed-tensors", "gptq"]
     if structure.method:
         tags.append(structure.method)
     data = ModelCardData(
@@ -50,18 +51,38 @@ def build_model_card(
     if structure.calibration:
         calib = ", ".join(f"{k}={_fmt(v)}" for k, v in structure.calibration.items())
         measured.append(f"| calibration | {calib} |")
+    for key, value in (quantization or {}).items():
+        measured.append(f"| quantization {key.replace('_', ' ')} | {_fmt(value)} |")
+    if structure.layer_sparsity and len(set(structure.layer_sparsity.values())) > 1:
+        per_layer = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(structure.layer_sparsity.items(), key=lambda kv: int(kv[0])))
+        measured.append(f"| sparsity per layer | {per_layer} |")
+    if structure.layer_bits and len(set(structure.layer_bits.values())) > 1:
+        per_layer = ", ".join(f"{k}: {v}" for k, v in sorted(structure.layer_bits.items(), key=lambda kv: int(kv[0])))
+        measured.append(f"| bits per layer | {per_layer} |")
     for key, value in (structure.metrics or {}).items():
         measured.append(f"| {key} | {_fmt(value)} |")
     figures = ("\n## Measured\n\n| | |\n|---|---|\n" + "\n".join(measured) + "\n") if measured else ""
     repo = repo_id or "path/to/this/model"
+    what = "Quantized" if quantization and not structure.is_structured else "Pruned"
+    details = []
+    if structure.is_structured:
+        details.append("The removed heads, neurons, sublayers and layers are physically gone: "
+                       "the weights are smaller, not zeroed.")
+    if structure.layer_sparsity:
+        details.append("Weights inside the Linear layers were set to zero (unstructured / N:M sparsity): "
+                       "the file is not smaller unless it is also quantized or stored sparse.")
+    if quantization:
+        details.append(f"The Linear weights of the blocks are stored as packed {quantization.get('bits')}-bit "
+                       "integers (compressed-tensors `pack-quantized`), which transformers and vLLM read.")
+    detail = "\n".join(details)
     content = f"""---
 {data.to_yaml()}
 ---
 
 # {name.split('/')[-1] if repo_id else 'Pruned model'}
 
-Pruned from {origin} with optimum-prune {__version__}.
-The removed heads, neurons, sublayers and layers are physically gone: the weights are smaller, not zeroed.
+{what} from {origin} with optimum-prune {__version__}.
+{detail}
 
 ## What was removed
 

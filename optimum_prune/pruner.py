@@ -1,65 +1,101 @@
-"""The Pruner: load a model, remove structures, save or push a smaller, reloadable checkpoint."""
+"""The Pruner: load a model, remove structures or weights, save or push a smaller, reloadable checkpoint."""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+import time
 from typing import Any
 
-from huggingface_hub import HfApi
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .card import build_model_card
-from .loading import TASKS, load_model, task_of_model
-from .modeling.adapters import base_model_type, get_adapter
+from .engine.compress import CompressionPlan, compress_model, uniform
+from .engine.obs import METHODS
+from .engine.schedule import SCHEDULES, build_schedule
+from .engine.sequential import SequentialOptions
+from .engine.layers import original_layer_indices, zero_fraction
+from .loading import TASKS, task_of_model
+from .modeling.adapters import base_model_type
 from .modeling.modeling_pruned import PrunedModelMixin, pruned_config_class, pruned_model_class
 from .modeling.pruning_config import PruningConfig
-from .modeling.surgery import apply_structure, current_structure
+from .modeling.surgery import apply_structure
 from .report import PruningSummary, summarize
-from .saving import atomic_directory
+from .session import CompressionSession, RunOptions
 
 logger = logging.get_logger(__name__)
 
 
-class Pruner:
-    """Holds a model (and its tokenizer) and applies pruning to it in place.
+class Pruner(CompressionSession):
+    """Holds a model (and its tokenizer) and prunes it in place.
 
     >>> pruner = Pruner.from_pretrained("HuggingFaceTB/SmolLM2-135M")
-    >>> model = pruner.apply(PruningConfig(remove_heads={0: [0, 1, 2]}, drop_layers=[7]))
+    >>> model = pruner.apply(PruningConfig(remove_heads={0: [0, 1, 2]}, drop_layers=[7]))   # structures
+    >>> model = pruner.prune(method="sparsegpt", sparsity=0.7, schedule="hessian-kmeans")   # weights
     >>> pruner.save_pretrained("smollm2-pruned")
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, *, base_model: str | None = None) -> None:
-        get_adapter(model)  # fail early, naming the supported architectures
-        self.model = model
-        self.tokenizer = tokenizer
-        self.base_model = base_model or _hub_id(getattr(model.config, "_name_or_path", None))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
+    def prune(
+        self,
+        method: str | None = None,
         *,
-        gguf_file: str | None = None,
-        task: str | None = None,
-        **kwargs: Any,
-    ) -> Pruner:
-        """Load from a Hub id, a directory, a ``.gguf`` file (``gguf_file=``) or an embedded name ("smollm2").
+        sparsity: float | dict[int, float] | None = None,
+        n_m: str | tuple[int, int] | None = None,
+        schedule: str = "uniform",
+        schedule_options: dict[str, Any] | None = None,
+        calibration: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 512,
+        seed: int = 0,
+        batch_size: int = 8,
+        device: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        dampening: float = 0.01,
+        blocksize: int = 128,
+        progress: bool = True,
+    ) -> PreTrainedModel:
+        """Sparsify the Linears of every block with SparseGPT, Wanda or magnitude, and return the model.
 
-        ``task`` picks the head ("causal-lm", "masked-lm", "sequence-classification",
-        "feature-extraction", ...); by default it follows ``config.architectures``. Other keyword
-        arguments go to transformers' ``from_pretrained`` (``revision``, ``dtype``, ``token`` ...).
+        ``sparsity`` is one fraction or {original layer index: fraction}; ``n_m="2:4"`` asks for N:M
+        semi-structured masks instead. ``schedule`` ("uniform", "hessian-kmeans", "owl") spreads one
+        target over the layers (budget met exactly). Calibration: a dataset name, a text file, a list
+        of strings, a ``datasets.Dataset`` or token ids; by default WikiText-2, or text sampled from the
+        model when offline. ``checkpoint_dir`` makes the run resumable.
         """
-        model, tokenizer, base_model = load_model(name_or_path, gguf_file=gguf_file, task=task, **kwargs)
-        return cls(model, tokenizer, base_model=base_model)
-
-    # ------------------------------------------------------------------ pruning
-    @property
-    def pruning_config(self) -> PruningConfig:
-        """Everything removed so far, by original index (empty for a dense model)."""
-        return current_structure(self.model)
+        method = method or "sparsegpt"
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        n, m = _parse_n_m(n_m)
+        if sparsity is None and not m:
+            raise ValueError("give `sparsity` (e.g. 0.5, or a per-layer dict) or `n_m` (e.g. \"2:4\")")
+        layers = original_layer_indices(self.model)
+        options = RunOptions(calibration, num_samples, seq_len, seed, batch_size, device, checkpoint_dir, progress)
+        seq = SequentialOptions(batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir,
+                                progress=progress, description=method)
+        start = time.perf_counter()
+        needs_data = method != "magnitude" or schedule != "uniform"
+        ids, calib_info = self.calibration_data(options) if needs_data else (None, None)
+        search = None
+        per_layer = uniform(sparsity or 0.0, layers)
+        if schedule != "uniform":
+            if isinstance(sparsity, dict) or m:
+                raise ValueError(f"schedule={schedule!r} spreads ONE target sparsity over the layers: "
+                                 "give sparsity as a number and no n_m")
+            plan_schedule = build_schedule(schedule, self.model, ids, float(sparsity), options=seq,
+                                           dampening=dampening, **(schedule_options or {}))
+            per_layer, search = plan_schedule.sparsity, plan_schedule.info
+        plan = CompressionPlan(method, per_layer, n, m, blocksize=blocksize, dampening=dampening)
+        compress_model(self.model, ids, plan, seq)
+        achieved = zero_fraction(self.model)
+        metrics = dict(self.pruning_config.metrics or {})
+        metrics.update(sparsity=round(achieved, 5), compression_seconds=round(time.perf_counter() - start, 2))
+        self._record(method=method if not m else f"{method} {n}:{m}",
+                     layer_sparsity={str(k): round(float(v), 6) for k, v in per_layer.items()} if not m else None,
+                     calibration=calib_info, metrics=metrics, search=search)
+        logger.info("%s: %.1f%% of the Linear weights in the blocks are zero", method, 100 * achieved)
+        return self.model
 
     def apply(self, config: PruningConfig | dict[str, Any]) -> PreTrainedModel:
         """Physically remove the structures in ``config`` (original indices) and return the model.
@@ -91,45 +127,23 @@ class Pruner:
         return build_model_card(self.summary(), self.pruning_config, pipeline_tag=pipeline_tag,
                                 load_class=TASKS[task][0], repo_id=repo_id)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None, **kwargs: Any) -> Path:
-        """Write weights, config (with ``pruning_config``), tokenizer, model card and, for structured
-        pruning, the modeling code for ``trust_remote_code``. Nothing is left behind if it fails."""
-        with atomic_directory(save_directory) as tmp:
-            self._write(tmp, repo_id=repo_id, **kwargs)
-        logger.info("saved pruned model to %s", save_directory)
-        return Path(save_directory)
-
-    def _write(self, directory: Path, *, repo_id: str | None = None, **kwargs: Any) -> None:
-        self.model.save_pretrained(directory, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-        self.model_card(repo_id).save(os.path.join(directory, "README.md"))
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ):
-        """Upload weights, config, tokenizer, remote code and model card to ``repo_id`` in one commit."""
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
-            self._write(Path(tmp), repo_id=repo_id)
-            summary = self.summary()
-            message = commit_message or (
-                f"Upload pruned model ({summary.params_before:,} -> {summary.params_after:,} parameters)"
-            )
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=message,
-                                     revision=revision, create_pr=create_pr, repo_type="model")
+    def _commit_message(self) -> str:
+        summary = self.summary()
+        return f"Upload pruned model ({summary.params_before:,} -> {summary.params_after:,} parameters)"
 
 
-def _hub_id(name: str | None) -> str | None:
-    """``name`` if it looks like a Hub repo id (and is not a local path)."""
-    if not name or os.path.exists(name) or name.count("/") != 1 or " " in name:
-        return None
-    return name
+def _parse_n_m(n_m: str | tuple[int, int] | None) -> tuple[int, int]:
+    """"2:4" -> (2, 4)."""
+    if n_m is None:
+        return 0, 0
+    if isinstance(n_m, str):
+        try:
+            n, m = (int(x) for x in n_m.split(":"))
+        except ValueError:
+            raise ValueError(f"n_m must look like \"2:4\" (N zeros in every M weights), got {n_m!r}") from None
+    else:
+        n, m = n_m
+    if not 0 < n < m:
+        raise ValueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
+    return n, m
+

@@ -1,0 +1,136 @@
+"""Calibration data: token windows from a dataset name, a text file, strings, a ``datasets.Dataset`` or ids.
+
+Every source becomes a LongTensor [num_samples, seq_len] of windows cut at seeded random offsets
+from the tokenized text (the protocol of the GPTQ / SparseGPT papers). With no source and no Hub,
+the model writes its own calibration text (data-free calibration) so compression still runs offline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .text import read_text, tokenize_text
+
+logger = logging.get_logger(__name__)
+
+
+DEFAULT_DATASET = "wikitext2"
+
+CalibrationSource = Any
+"""A dataset name (``text.DATASETS``), a text file path, a string list, a ``datasets.Dataset``, a LongTensor, or None."""
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot be used, with the fix in the message."""
+
+
+def _tokens(tokenizer: Any, text: str) -> torch.Tensor:
+    if tokenizer is None:
+        raise CalibrationError("text calibration needs a tokenizer: pass one to the Pruner/Quantizer")
+    return tokenize_text(tokenizer, text)
+
+
+def random_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens at seeded random offsets of the 1-D ``ids``."""
+    if ids.numel() <= seq_len:
+        raise CalibrationError(f"the calibration text has {ids.numel()} tokens, fewer than one window of "
+                               f"{seq_len}: give more text or a smaller seq_len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def self_generated(model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int = 0,
+                   batch_size: int = 16) -> torch.Tensor:
+    """Data-free calibration: sequences sampled from the model itself (random tokens for encoders)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    if not getattr(model, "can_generate", lambda: False)():
+        return allowed[torch.randint(0, allowed.numel(), (num_samples, seq_len), generator=generator)]
+    device = next(model.parameters()).device
+    bos = getattr(model.config, "bos_token_id", None)
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            if bos is not None:
+                prompt = torch.full((n, 1), bos)
+            else:
+                prompt = allowed[torch.randint(0, allowed.numel(), (n, 1), generator=generator)]
+            out = model.generate(prompt.to(device), attention_mask=torch.ones_like(prompt, device=device),
+                                 do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=getattr(model.config, "eos_token_id", None) or 0)
+            rows.append(out[:, :seq_len].cpu())
+    return torch.cat(rows)
+
+
+def get_calibration_data(
+    source: CalibrationSource = None,
+    tokenizer: Any = None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    model: Any = None,
+) -> torch.Tensor:
+    """Calibration windows [num_samples, seq_len] from any supported source.
+
+    ``None`` means the default dataset (WikiText-2 train); when it cannot be read (offline), the
+    model generates its own calibration text, with a warning.
+    """
+    return load_calibration(source, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, model=model)[0]
+
+
+def load_calibration(
+    source: CalibrationSource = None,
+    tokenizer: Any = None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    model: Any = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``get_calibration_data`` plus a description of what was used (for the PruningConfig and the card)."""
+    if num_samples <= 0 or seq_len <= 1:
+        raise CalibrationError(f"need num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
+    info = describe(source, num_samples, seq_len, seed)
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2 or source.dtype not in (torch.int64, torch.int32):
+            raise CalibrationError("token calibration must be an integer tensor [num_samples, seq_len]")
+        info.update(num_samples=source.shape[0], seq_len=source.shape[1])
+        return source.long(), info
+    if source is None:
+        try:
+            text = read_text(DEFAULT_DATASET, split="train")
+        except Exception as err:  # offline, no datasets cache, ...
+            if model is None:
+                raise CalibrationError(f"no calibration data given and {DEFAULT_DATASET} is unreachable ({err}); "
+                                       "pass calibration= a text file, strings or a Dataset") from err
+            logger.warning(
+                "no calibration data given and %s could not be loaded (%s): using data-free calibration, "
+                "%d sequences sampled from the model itself. Pass calibration= (a text file, strings or a "
+                "Dataset) for better results.", DEFAULT_DATASET, type(err).__name__, num_samples)
+            info["dataset"] = "self-generated"
+            return self_generated(model, tokenizer, num_samples, seq_len, seed), info
+    else:
+        text = read_text(source, split="train")
+    return random_windows(_tokens(tokenizer, text), num_samples, seq_len, seed), info
+
+
+def describe(source: CalibrationSource, num_samples: int, seq_len: int, seed: int) -> dict[str, Any]:
+    """What was calibrated on, for the PruningConfig / model card."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.path.basename(str(source)) if os.path.isfile(source) else str(source)
+    elif source is None:
+        name = DEFAULT_DATASET
+    else:
+        name = type(source).__name__
+    return {"dataset": name, "num_samples": num_samples, "seq_len": seq_len, "seed": seed}

@@ -1,0 +1,1 @@
+"""The shared second-order compression engine: Hessian capture, OBS pruning / quantization, sequential calibration."""

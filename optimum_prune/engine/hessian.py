@@ -1,0 +1,59 @@
+"""Input Hessians H = 2/n Σ x xᵀ of Linears, accumulated in fp32 by forward hooks whatever the model dtype."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .layers import LinearGroup
+
+
+class HessianAccumulator:
+    """Running Σ x xᵀ (fp32) and token count for one input; ``diagonal_only`` keeps just Σ x² (Wanda)."""
+
+    def __init__(self, columns: int, device: torch.device | str, diagonal_only: bool = False) -> None:
+        self.diagonal_only = diagonal_only
+        shape = (columns,) if diagonal_only else (columns, columns)
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        if self.diagonal_only:
+            self.sum += (x * x).sum(0)
+        else:
+            self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """2/n Σ x xᵀ (the diagonal alone for ``diagonal_only``)."""
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.sum * (2.0 / self.tokens)
+
+
+@contextmanager
+def capture_hessians(groups: list[LinearGroup], device: torch.device | str,
+                     diagonal_only: bool = False) -> Iterator[dict[str, HessianAccumulator]]:
+    """While active, every forward through a group's first Linear adds its input to that group's Hessian.
+
+    Yields {group kind: accumulator}; the Linears of a group share the one accumulator.
+    """
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        acc = HessianAccumulator(group.in_features, device, diagonal_only)
+        accumulators[group.kind] = acc
+
+        def hook(module: nn.Module, args: tuple, acc: HessianAccumulator = acc) -> None:
+            acc.add(args[0])
+
+        handles.append(group.modules[0].register_forward_pre_hook(hook))
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,94 @@
+"""The compressible Linears of a block, grouped by shared input, found through the architecture adapter.
+
+Algorithms see a block as a list of ``LinearGroup``s (q/k/v share one input, gate/up share one, ...),
+so one Hessian serves a whole group and no algorithm knows where a family keeps its projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..modeling.adapters import ArchitectureAdapter, get_adapter, get_module
+from ..modeling.surgery import current_structure
+
+
+@dataclass
+class LinearGroup:
+    """Linears of one block that read the same input (one Hessian for all of them)."""
+
+    kind: str
+    """"attention_in", "attention_out", "mlp_in" or "mlp_out"."""
+    names: list[str]
+    """Paths relative to the block."""
+    modules: list[nn.Module]
+
+    @property
+    def in_features(self) -> int:
+        return in_features(self.modules[0])
+
+
+def is_compressible(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and module.weight.numel() > 0
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a transposed view for GPT-2's Conv1D)."""
+    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write a [out, in] weight back in the module's own layout and dtype."""
+    target = module.weight.data
+    target.copy_(weight.t() if isinstance(module, Conv1D) else weight)
+
+
+def linear_groups(adapter: ArchitectureAdapter, block: nn.Module) -> list[LinearGroup]:
+    """The block's compressible Linears, grouped by input, in forward order; removed sublayers are skipped."""
+    spec = [("attention_in", [p.path for p in adapter.attention_in]), ("attention_out", [adapter.attention_out]),
+            ("mlp_in", list(adapter.mlp_in)), ("mlp_out", [adapter.mlp_out])]
+    groups = []
+    for kind, paths in spec:
+        found = [(p, get_module(block, p)) for p in paths if _has(block, p)]
+        found = [(p, m) for p, m in found if is_compressible(m)]
+        if found:
+            groups.append(LinearGroup(kind, [p for p, _ in found], [m for _, m in found]))
+    return groups
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        get_module(block, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def original_layer_indices(model: nn.Module) -> list[int]:
+    """Original (dense-model) index of each block the model still has."""
+    structure = current_structure(model)
+    adapter = get_adapter(model)
+    depth = len(adapter.layers(model))
+    total = structure.num_original_layers or depth
+    kept = [i for i in range(total) if i not in set(structure.drop_layers)]
+    return kept if len(kept) == depth else list(range(depth))
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights over all compressible Linears of the blocks."""
+    adapter = get_adapter(model)
+    zeros = total = 0
+    for block in adapter.layers(model):
+        for group in linear_groups(adapter, block):
+            for module in group.modules:
+                w = get_weight(module)
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,273 @@
+"""Sequential (block-by-block) calibration: the memory-bounded loop every second-order method runs on.
+
+The inputs of block 0 are captured once; then for each block: its Linears' Hessians are accumulated
+(fp32, forward hooks) over the calibration batch, the block is compressed, and its outputs are
+recomputed FROM THE COMPRESSED BLOCK to feed the next one. Only the current block visits the compute
+device (accelerate's ``cpu_offload_with_hook``); activations live on ``offload_device``. After each
+block a checkpoint (block weights + next inputs) is written, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import cpu_offload_with_hook
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import send_to_device
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from ..modeling.adapters import get_adapter
+from .hessian import capture_hessians
+from .layers import LinearGroup, linear_groups, original_layer_indices
+
+logger = logging.get_logger(__name__)
+
+BlockFn = Callable[[int, nn.Module, list[LinearGroup], dict[str, torch.Tensor]], dict[str, Any]]
+"""compress(original_layer_index, block, groups, {group kind: Hessian}) -> per-block stats (JSON-able).
+
+A read-only step sets ``modifies_weights = False`` (the statistics pass): its block runs once, not twice.
+It may also define ``export_state(layer) -> dict[str, Tensor]`` and ``import_state(layer, tensors)``:
+tensors beyond the block's weights (e.g. quantization codes) that a resumed run must get back."""
+
+
+@dataclass
+class SequentialOptions:
+    """Where and how the block loop runs."""
+
+    batch_size: int = 8
+    device: str | torch.device | None = None
+    """Compute device for the current block (default: CUDA when available, else CPU)."""
+    offload_device: str | torch.device = "cpu"
+    """Where activations and idle blocks wait."""
+    checkpoint_dir: str | os.PathLike | None = None
+    """Resume state (block weights + next inputs); removed after success unless ``keep_checkpoint``."""
+    keep_checkpoint: bool = False
+    progress: bool = True
+    description: str = "compressing"
+
+
+@dataclass
+class SequentialResult:
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of the settings and data that define a run (a checkpoint only resumes an identical run)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                         store: torch.device | str) -> list[tuple[torch.Tensor, tuple, dict[str, Any]]]:
+    """(hidden_states, other positional args, kwargs) entering block 0, one entry per calibration batch."""
+    layers = get_adapter(model).layers(model)
+    records: list[tuple[torch.Tensor, tuple, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        records.append((hidden.to(store), send_to_device(tuple(args[1:]), store), send_to_device(kwargs, store)))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(model_device), attention_mask=torch.ones_like(batch, device=model_device),
+                      **extra)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return records
+
+
+def _block_forward(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict[str, Any]],
+                   device: torch.device) -> torch.Tensor:
+    args, kwargs = extra
+    out = block(send_to_device(hidden, device), *send_to_device(args, device), **send_to_device(kwargs, device))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    compress: BlockFn,
+    *,
+    hessians: str | None = "full",
+    options: SequentialOptions | None = None,
+    run_id: str = "",
+) -> SequentialResult:
+    """Compress ``model`` block by block on the calibration ``input_ids`` [num_samples, seq_len].
+
+    ``hessians``: "full" (SparseGPT, GPTQ), "diag" (Wanda: input norms only) or None (no statistics,
+    e.g. capture of activations only). ``run_id`` identifies the settings for resuming.
+    """
+    options = options or SequentialOptions()
+    device = torch.device(options.device) if options.device is not None else default_device()
+    store = torch.device(options.offload_device)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    originals = original_layer_indices(model)
+    start = time.perf_counter()
+    run_key = fingerprint(run_id, input_ids, type(model).__name__, len(layers), options.batch_size)
+
+    ckpt = Checkpoint(options.checkpoint_dir, run_key) if options.checkpoint_dir else None
+    result = SequentialResult()
+    first = 0
+    if ckpt is not None and ckpt.exists():
+        first, result.stats = ckpt.load_blocks(layers, originals, compress)
+        result.resumed_from = first
+        logger.warning("resuming from %s: blocks 0-%d already compressed", options.checkpoint_dir, first - 1)
+
+    records = capture_block_inputs(model, input_ids, options.batch_size, store)
+    hidden = [h for h, _, _ in records]
+    kwargs = [(a, k) for _, a, k in records]
+    if first:
+        hidden = ckpt.load_activations(store)
+
+    bar = tqdm(total=len(layers), initial=first, desc=options.description, disable=not options.progress,
+               unit="block")
+    for index in range(first, len(layers)):
+        block = layers[index]
+        onload = _onload(block, device)
+        groups = linear_groups(adapter, block)
+        block_start = time.perf_counter()
+        H: dict[str, torch.Tensor] = {}
+        outputs = None
+        if hessians and groups:
+            with capture_hessians(groups, device, diagonal_only=hessians == "diag") as accs:
+                outputs = [_block_forward(block, h, kw, device).to(store) for h, kw in zip(hidden, kwargs)]
+            H = {kind: acc.hessian() for kind, acc in accs.items()}
+        stats = compress(originals[index], block, groups, H) or {}
+        del H
+        if outputs is None or getattr(compress, "modifies_weights", True):
+            # the block changed: its outputs are recomputed from the compressed weights
+            outputs = [_block_forward(block, h, kw, device).to(store) for h, kw in zip(hidden, kwargs)]
+        hidden = outputs
+        del outputs
+        _offload(block, onload)
+        stats = {"layer": originals[index], "seconds": round(time.perf_counter() - block_start, 3), **stats}
+        result.stats.append(stats)
+        if ckpt is not None:
+            ckpt.save(index, block, hidden, result.stats, _export(compress, originals[index]))
+        bar.update(1)
+        if "loss" in stats:
+            bar.set_postfix(loss=f"{stats['loss']:.3g}")
+    bar.close()
+    if ckpt is not None and not options.keep_checkpoint:
+        ckpt.remove()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _export(compress: BlockFn, layer: int) -> dict[str, torch.Tensor]:
+    export = getattr(compress, "export_state", None)
+    return export(layer) if export is not None else {}
+
+
+def _onload(block: nn.Module, device: torch.device):
+    """Move ``block`` to the compute device for its turn (accelerate hook); None when already there."""
+    current = next(block.parameters(), torch.empty(0)).device
+    if current == device:
+        return None
+    _, hook = cpu_offload_with_hook(block, execution_device=device)
+    block.to(device)
+    return hook
+
+
+def _offload(block: nn.Module, hook) -> None:
+    if hook is not None:
+        hook.offload()
+        remove_hook_from_module(block)
+
+
+class Checkpoint:
+    """Resume state of a sequential run: one safetensors file per finished block plus the next inputs."""
+
+    def __init__(self, directory: str | os.PathLike, run_key: str) -> None:
+        self.dir = Path(directory)
+        self.run_key = run_key
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def exists(self) -> bool:
+        if not self.state_file.is_file():
+            return False
+        state = json.loads(self.state_file.read_text())
+        if state.get("run") != self.run_key:
+            logger.warning("%s holds a checkpoint of a different run (settings or data changed): starting over",
+                           self.dir)
+            return False
+        return state.get("next_block", 0) > 0
+
+    def load_blocks(self, layers: nn.ModuleList, originals: list[int], compress: BlockFn
+                    ) -> tuple[int, list[dict[str, Any]]]:
+        state = json.loads(self.state_file.read_text())
+        first = state["next_block"]
+        restore = getattr(compress, "import_state", None)
+        for index in range(first):
+            weights = load_file(str(self.dir / f"block_{index:04d}.safetensors"))
+            missing, unexpected = layers[index].load_state_dict(weights, strict=False)
+            if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
+                raise RuntimeError(f"checkpoint block {index} does not match the model; delete {self.dir}")
+            extra = self.dir / f"block_{index:04d}.extra.safetensors"
+            if restore is not None and extra.is_file():
+                restore(originals[index], load_file(str(extra)))
+        return first, state["stats"]
+
+    def load_activations(self, store: torch.device) -> list[torch.Tensor]:
+        return [t.to(store) for t in torch.load(self.dir / "activations.pt", weights_only=True)]
+
+    def save(self, index: int, block: nn.Module, hidden: list[torch.Tensor], stats: list[dict[str, Any]],
+             extra: dict[str, torch.Tensor]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        _atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(tensors, str(p)))
+        if extra:
+            extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+            _atomic(self.dir / f"block_{index:04d}.extra.safetensors", lambda p: save_file(extra, str(p)))
+        _atomic(self.dir / "activations.pt", lambda p: torch.save([h.cpu() for h in hidden], p))
+        state = {"run": self.run_key, "next_block": index + 1, "stats": stats}
+        _atomic(self.state_file, lambda p: p.write_text(json.dumps(state)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
