@@ -50,9 +50,124 @@ def _build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
     apply.add_argument("--no-verify", action="store_true", help="skip reloading the output and comparing logits")
 
+    prune = sub.add_parser("prune", help="sparsify with SparseGPT / Wanda / magnitude (optionally scheduled per layer)")
+    _model_args(prune)
+    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--sparsity", type=_per_layer(float), help="fraction, or per layer: '0:0.5,1:0.7'")
+    prune.add_argument("--n-m", help="N:M semi-structured sparsity, e.g. 2:4")
+    prune.add_argument("--schedule", default="uniform", choices=["uniform", "hessian-kmeans", "owl"],
+                       help="spread --sparsity over the layers (budget met exactly)")
+    _calibration_args(prune)
+
+    quant = sub.add_parser("quantize", help="GPTQ-quantize (packed compressed-tensors checkpoint)")
+    _model_args(quant)
+    quant.add_argument("--bits", type=_per_layer(int), default=4, help="2..8, or per layer: '0:8,1:4,...'")
+    quant.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
+    quant.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal")
+    quant.add_argument("--asymmetric", action="store_true", help="asymmetric grid (in-memory only for now)")
+    quant.add_argument("--sparsity", type=float, help="also prune with SparseGPT in the same pass")
+    _calibration_args(quant)
+
+    from .evaluation import add_cli as add_eval
+
+    add_eval(sub)
+
     show = sub.add_parser("summary", help="print what was removed from a saved pruned model")
     show.add_argument("model", help="directory or Hub id of a pruned model")
     return parser
+
+
+def _per_layer(kind: type):
+    """Parser for '0.5' or '0:0.5,3:0.7' (layer:value pairs)."""
+
+    def parse(text: str):
+        if ":" not in text:
+            return kind(text)
+        out = {}
+        for item in filter(None, (t.strip() for t in text.replace(";", ",").split(","))):
+            layer, _, value = item.partition(":")
+            try:
+                out[int(layer)] = kind(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected LAYER:VALUE pairs like '0:0.5,1:0.7', got {item!r}") from None
+        return out
+
+    return parse
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hub id, directory, .gguf file, or an embedded model ({', '.join(EMBEDDED_MODELS)}); "
+                        f"default: {DEFAULT_MODEL}")
+    p.add_argument("--gguf-file", help="GGUF file inside --model's directory or repo")
+    p.add_argument("--task", choices=list(TASKS), help="model head to load (default: from config.json)")
+    p.add_argument("--output", required=True, help="directory for the compressed checkpoint")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", help="text file or dataset name (wikitext2, c4, fineweb-edu); default: "
+                                         "wikitext2, or text sampled from the model when offline")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", help="compute device for the current block (default: cuda if available)")
+    p.add_argument("--checkpoint-dir", help="resume state; an interrupted run started again continues from it")
+    p.add_argument("--eval-text", help="text file: print the perplexity after compression (e.g. wikitext-2/test.txt)")
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return dict(calibration=args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                batch_size=args.batch_size, device=args.device, checkpoint_dir=args.checkpoint_dir)
+
+
+def _finish(session, args: argparse.Namespace, start: float) -> int:
+    config = session.pruning_config
+    if config.layer_sparsity and len(set(config.layer_sparsity.values())) > 1:
+        print("sparsity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in config.layer_sparsity.items()))
+    for key, value in (config.metrics or {}).items():
+        print(f"{key}: {value}")
+    if args.eval_text:
+        from .evaluation import perplexity
+
+        print(f"perplexity on {args.eval_text}: {perplexity(session.model, session.tokenizer, args.eval_text).perplexity:.3f}")
+    out = session.save_pretrained(args.output)
+    print(f"saved to {out} ({time.perf_counter() - start:.1f} s)")
+    if args.push_to_hub:
+        info = session.push_to_hub(args.push_to_hub)
+        print(f"pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from . import Pruner
+
+    if args.sparsity is None and not args.n_m:
+        print("error: give --sparsity (e.g. 0.5) or --n-m (e.g. 2:4)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+    pruner.prune(args.method, sparsity=args.sparsity, n_m=args.n_m, schedule=args.schedule, **_run_options(args))
+    return _finish(pruner, args, start)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from . import Quantizer
+
+    start = time.perf_counter()
+    quantizer = Quantizer.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+    quantizer.quantize(args.bits, group_size=None if args.group_size == -1 else args.group_size,
+                       symmetric=not args.asymmetric, act_order=args.act_order, sparsity=args.sparsity,
+                       **_run_options(args))
+    print(", ".join(f"{k}: {v}" for k, v in quantizer.quantization.items()))
+    return _finish(quantizer, args, start)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_cli
+
+    return run_cli(args)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -124,10 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
     from . import PruningConfigError, UnsupportedArchitectureError
+    from .calibration import CalibrationError
 
     try:
-        return {"apply": _apply, "summary": _summary}[args.command](args)
-    except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError) as err:
+        return {"apply": _apply, "prune": _prune, "quantize": _quantize, "eval": _eval,
+                "summary": _summary}[args.command](args)
+    except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
+            CalibrationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
