@@ -16,7 +16,7 @@ logger = logging.get_logger(__name__)
 
 # Short dataset names for ``read_text``: (path, config name, extra load_dataset kwargs, split aliases).
 DATASETS: dict[str, tuple[str, str | None, dict[str, Any], dict[str, str]]] = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {}, {}),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", {}, {}),
     "c4": ("allenai/c4", None,
            {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz",
                            "validation": "en/c4-validation.00000-of-00008.json.gz"}, "streaming": True},

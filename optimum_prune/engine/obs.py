@@ -9,6 +9,7 @@ the mask held fixed).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -160,6 +161,24 @@ def fixed_mask(weight: torch.Tensor, hessian_diag: torch.Tensor | None, spec: Pr
     return mask
 
 
+def flush_denormals(fn):
+    """Run ``fn`` with denormal floats flushed to zero: real inverse Hessians hold many, and CPU
+    arithmetic on denormals is ~30x slower. The default (off) is restored afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        flushed = torch.set_flush_denormal(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+
+    return wrapper
+
+
+@flush_denormals
+@torch.no_grad()
 def compress_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -172,27 +191,7 @@ def compress_weight(
     """Prune and/or quantize ``weight`` [rows, cols] (Linear layout) given its input Hessian [cols, cols].
 
     Returns the new weight in the original dtype; the OBS loss ½Σ(w−q)²/[H⁻¹]²_cc of what was changed.
-    Denormal floats are flushed while it runs: the inverse Hessian of real layers holds many, and
-    CPU arithmetic on them is ~30x slower.
     """
-    flushed = torch.set_flush_denormal(True)
-    try:
-        return _compress_weight(weight, hessian, prune=prune, quant=quant, blocksize=blocksize, percdamp=percdamp)
-    finally:
-        if flushed:
-            torch.set_flush_denormal(False)
-
-
-@torch.no_grad()
-def _compress_weight(
-    weight: torch.Tensor,
-    hessian: torch.Tensor | None,
-    *,
-    prune: PruneSpec | None = None,
-    quant: QuantSpec | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-) -> CompressedWeight:
     prune = prune if prune is not None and prune.active else None
     dtype, device = weight.dtype, weight.device
     rows, cols = weight.shape
