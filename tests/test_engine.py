@@ -328,6 +328,14 @@ def test_hessian_kmeans_prunes_low_loss_layers_harder_with_exact_budget():
     assert schedule.info["num_groups"] == 3
 
 
+def test_hessian_kmeans_relative_loss_is_scale_free():
+    # losses that only follow the layers' output energy are all the same relative to it: uniform schedule
+    stats = {i: LayerStatistics(i, 1000, loss=float(10 ** i), energy=float(10 ** (i + 2))) for i in range(6)}
+    s = hessian_kmeans(stats, 0.7, relative=True).sparsity
+    assert all(abs(v - 0.7) < 1e-9 for v in s.values())
+    assert len(set(hessian_kmeans(stats, 0.7).sparsity.values())) > 1
+
+
 def test_owl_keeps_more_weights_in_outlier_layers():
     stats = {i: LayerStatistics(i, 1000, outlier_ratio=r) for i, r in enumerate([0.01, 0.05, 0.02, 0.03])}
     s = owl(stats, 0.7, lam=0.08).sparsity

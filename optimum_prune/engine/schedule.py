@@ -33,6 +33,8 @@ class LayerStatistics:
     params: int
     loss: float | None = None
     outlier_ratio: float | None = None
+    energy: float | None = None
+    """½·Σ tr(W H Wᵀ) over the layer's Linears: the output energy the loss is relative to."""
 
 
 @dataclass
@@ -51,7 +53,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, *, sparsity: f
     out: dict[int, LayerStatistics] = {}
 
     def step(layer: int, block: nn.Module, groups: list[LinearGroup], hessians: dict[str, torch.Tensor]) -> dict:
-        params, total_loss, outlier, count = 0, 0.0, 0, 0
+        params, total_loss, energy, outlier, count = 0, 0.0, 0.0, 0, 0
         for group in groups:
             H = hessians[group.kind]
             diag = H if H.dim() == 1 else torch.diag(H)
@@ -60,12 +62,14 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, *, sparsity: f
                 params += W.numel()
                 if loss:
                     total_loss += estimate_pruning_loss(W, H, sparsity, dampening)
+                    Wf = W.float()
+                    energy += float(((Wf @ H) * Wf).sum() / 2)
                 if outliers:
                     score = W.float().abs() * torch.sqrt(diag.clamp(min=0))[None, :]
                     outlier += int((score > owl_m * score.mean()).sum())
                     count += score.numel()
         out[layer] = LayerStatistics(layer, params, total_loss if loss else None,
-                                     outlier / max(count, 1) if outliers else None)
+                                     outlier / max(count, 1) if outliers else None, energy if loss else None)
         return {"loss": total_loss} if loss else {}
 
     step.modifies_weights = False  # type: ignore[attr-defined]
@@ -112,16 +116,20 @@ def kmeans_1d(values: list[float], k: int, iterations: int = 100) -> tuple[list[
 
 
 def hessian_kmeans(stats: dict[int, LayerStatistics], target: float, *, num_groups: int = 3,
-                   max_shift: float = 0.1) -> Schedule:
-    """Cluster log-losses; a cluster's sparsity moves by up to ``max_shift`` against its loss, budget exact."""
+                   max_shift: float = 0.1, relative: bool = False) -> Schedule:
+    """Cluster log-losses; a cluster's sparsity moves by up to ``max_shift`` against its loss, budget exact.
+
+    ``relative`` divides each layer's loss by its output energy (scale-free across depth).
+    """
     layers = sorted(stats)
-    logs = [math.log(max(stats[k].loss, 1e-30)) for k in layers]
+    losses = [stats[k].loss / stats[k].energy if relative and stats[k].energy else stats[k].loss for k in layers]
+    logs = [math.log(max(v, 1e-30)) for v in losses]
     labels, centroids = kmeans_1d(logs, num_groups)
     centre = sum(centroids) / len(centroids)
     spread = max(abs(c - centre) for c in centroids) or 1.0
     offsets = {k: -max_shift * (centroids[labels[i]] - centre) / spread for i, k in enumerate(layers)}
     sparsity = meet_budget(offsets, {k: stats[k].params for k in layers}, target)
-    info = {"schedule": "hessian-kmeans", "num_groups": len(centroids), "max_shift": max_shift,
+    info = {"schedule": "hessian-kmeans", "num_groups": len(centroids), "max_shift": max_shift, "relative": relative,
             "group": {str(k): labels[i] for i, k in enumerate(layers)},
             "log_loss_centroids": [round(c, 4) for c in centroids],
             "estimated_loss": {str(k): stats[k].loss for k in layers}}
