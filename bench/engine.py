@@ -42,9 +42,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "scheduler-70": ("prune", dict(method="sparsegpt", sparsity=0.7, schedule="hessian-kmeans")),
     "owl-70": ("prune", dict(method="sparsegpt", sparsity=0.7, schedule="owl")),
     "sparsegpt-2:4": ("prune", dict(method="sparsegpt", n_m="2:4")),
-    "gptq-w4g128": ("quantize", dict(bits=4, group_size=128)),
-    "gptq-w3g128": ("quantize", dict(bits=3, group_size=128)),
-    "sparsegpt-50+w4g128": ("quantize", dict(bits=4, group_size=128, sparsity=0.5)),
+    "gptq-w4g128": ("quantize", dict(bits=4, group_size=128, act_order=True)),  # llm-compressor default: static act-order
+    "gptq-w3g128": ("quantize", dict(bits=3, group_size=128, act_order=True)),
+    "sparsegpt-50+w4g128": ("quantize", dict(bits=4, group_size=128, sparsity=0.5, act_order=True)),
     "llmc-sparsegpt-50": ("llmc", dict(recipe="sparsegpt50")),
     "llmc-gptq-w4g128": ("llmc", dict(recipe="gptq4g128")),
     "llmc-gptq-w3g128": ("llmc", dict(recipe="gptq3g128")),

@@ -164,14 +164,21 @@ def run_sequential(
         groups = linear_groups(adapter, block)
         block_start = time.perf_counter()
         H: dict[str, torch.Tensor] = {}
-        outputs = None
+        outputs: list[torch.Tensor] | None = None
+        read_only = not getattr(compress, "modifies_weights", True)
         if hessians and groups:
+            kept: list[torch.Tensor] = []
             with capture_hessians(groups, device, diagonal_only=hessians == "diag") as accs:
-                outputs = [_block_forward(block, h, kw, device).to(store) for h, kw in zip(hidden, kwargs)]
+                for h, kw in zip(hidden, kwargs):
+                    out = _block_forward(block, h, kw, device)
+                    if read_only:  # already the final outputs; a compressing step recomputes them instead
+                        kept.append(out.to(store))
+                    del out
+            outputs = kept if read_only else None
             H = {kind: acc.hessian() for kind, acc in accs.items()}
         stats = compress(originals[index], block, groups, H) or {}
         del H
-        if outputs is None or getattr(compress, "modifies_weights", True):
+        if outputs is None:
             # the block changed: its outputs are recomputed from the compressed weights
             outputs = [_block_forward(block, h, kw, device).to(store) for h, kw in zip(hidden, kwargs)]
         hidden = outputs
