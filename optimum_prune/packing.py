@@ -41,9 +41,9 @@ def quantization_config(model: nn.Module, records: dict[str, QuantRecord]) -> An
     by_spec: dict[QuantSpec, list[str]] = defaultdict(list)
     for name, record in records.items():
         by_spec[record.spec].append(name)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    ignore = [n for n in linears if n not in records]
-    uniform = len(by_spec) == 1 and all(isinstance(dict(model.named_modules())[n], nn.Linear) for n in records)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ignore = sorted(n for n in linears if n not in records)
+    uniform = len(by_spec) == 1 and set(records) <= linears
     groups = {}
     for i, (spec, names) in enumerate(sorted(by_spec.items(), key=lambda kv: (kv[0].bits, str(kv[0])))):
         targets = ["Linear"] if uniform else sorted(names)

@@ -11,9 +11,8 @@ from transformers.utils import logging
 
 from .card import build_model_card
 from .engine.compress import CompressionPlan, compress_model, uniform
-from .engine.obs import METHODS
+from .engine.obs import METHODS, PruneSpec
 from .engine.schedule import SCHEDULES, build_schedule
-from .engine.sequential import SequentialOptions
 from .engine.layers import original_layer_indices, zero_fraction
 from .loading import TASKS, task_of_model
 from .modeling.adapters import base_model_type
@@ -71,18 +70,19 @@ class Pruner(CompressionSession):
         if sparsity is None and not m:
             raise ValueError("give `sparsity` (e.g. 0.5, or a per-layer dict) or `n_m` (e.g. \"2:4\")")
         layers = original_layer_indices(self.model)
+        per_layer = uniform(sparsity or 0.0, layers)
+        for value in per_layer.values():  # bad values fail here, before any data is read or weight touched
+            PruneSpec(value, n, m, method)
+        if schedule != "uniform" and (isinstance(sparsity, dict) or m):
+            raise ValueError(f"schedule={schedule!r} spreads ONE target sparsity over the layers: "
+                             "give sparsity as a number and no n_m")
         options = RunOptions(calibration, num_samples, seq_len, seed, batch_size, device, checkpoint_dir, progress)
-        seq = SequentialOptions(batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir,
-                                progress=progress, description=method)
+        seq = options.sequential(method)
         start = time.perf_counter()
         needs_data = method != "magnitude" or schedule != "uniform"
         ids, calib_info = self.calibration_data(options) if needs_data else (None, None)
         search = None
-        per_layer = uniform(sparsity or 0.0, layers)
         if schedule != "uniform":
-            if isinstance(sparsity, dict) or m:
-                raise ValueError(f"schedule={schedule!r} spreads ONE target sparsity over the layers: "
-                                 "give sparsity as a number and no n_m")
             plan_schedule = build_schedule(schedule, self.model, ids, float(sparsity), options=seq,
                                            dampening=dampening, **(schedule_options or {}))
             per_layer, search = plan_schedule.sparsity, plan_schedule.info

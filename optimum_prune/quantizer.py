@@ -14,7 +14,6 @@ from .card import build_model_card
 from .engine.compress import CompressionPlan, QuantRecord, compress_model, uniform
 from .engine.layers import original_layer_indices, zero_fraction
 from .engine.quant import QuantSpec
-from .engine.sequential import SequentialOptions
 from .loading import TASKS, task_of_model
 from .packing import FORMAT, check_packable, save_packed
 from .report import summarize
@@ -69,8 +68,7 @@ class Quantizer(CompressionSession):
         ids, calib_info = self.calibration_data(options)
         plan = CompressionPlan("sparsegpt" if sparsity else None, uniform(sparsity or 0.0, layers),
                                quant=specs, blocksize=blocksize, dampening=dampening)
-        seq = SequentialOptions(batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir,
-                                progress=progress, description="gptq" if not sparsity else "sparsegpt+gptq")
+        seq = options.sequential("gptq" if not sparsity else "sparsegpt+gptq")
         start = time.perf_counter()
         result = compress_model(self.model, ids, plan, seq)
         self.records = result.quantized

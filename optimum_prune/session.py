@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .calibration import CalibrationSource, load_calibration
+from .engine.sequential import SequentialOptions
 from .loading import load_model
 from .modeling.adapters import get_adapter
 from .modeling.pruning_config import PruningConfig
@@ -36,6 +37,11 @@ class RunOptions:
     checkpoint_dir: str | os.PathLike | None = None
     progress: bool = True
 
+    def sequential(self, description: str) -> SequentialOptions:
+        """The block loop's options for these settings."""
+        return SequentialOptions(batch_size=self.batch_size, device=self.device, checkpoint_dir=self.checkpoint_dir,
+                                 progress=self.progress, description=description)
+
 
 class CompressionSession:
     """A model (and tokenizer) being compressed in place, with save / push of the result."""
@@ -45,7 +51,7 @@ class CompressionSession:
         self.model = model
         self.tokenizer = tokenizer
         self.base_model = base_model or _hub_id(getattr(model.config, "_name_or_path", None))
-        self._calibration_cache: tuple[Any, torch.Tensor, dict[str, Any]] | None = None
+        self._calibration_cache: tuple[Any, tuple, torch.Tensor, dict[str, Any]] | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, gguf_file: str | None = None, task: str | None = None,
@@ -77,12 +83,13 @@ class CompressionSession:
     # ------------------------------------------------------------------ calibration
     def calibration_data(self, options: RunOptions) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token windows [num_samples, seq_len] for ``options`` (cached per source and sizes) and their description."""
-        key = (id(options.calibration), options.num_samples, options.seq_len, options.seed)
-        if self._calibration_cache is not None and self._calibration_cache[0] == key:
-            return self._calibration_cache[1], self._calibration_cache[2]
+        key = (options.num_samples, options.seq_len, options.seed)
+        cache = self._calibration_cache
+        if cache is not None and cache[0] is options.calibration and cache[1] == key:
+            return cache[2], cache[3]
         ids, info = load_calibration(options.calibration, self.tokenizer, num_samples=options.num_samples,
                                      seq_len=options.seq_len, seed=options.seed, model=self.model)
-        self._calibration_cache = (key, ids, info)
+        self._calibration_cache = (options.calibration, key, ids, info)
         return ids, info
 
     # ------------------------------------------------------------------ saving

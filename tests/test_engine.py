@@ -127,6 +127,9 @@ def test_prune_errors_name_the_fix():
         pruner.prune("sparsegpt", sparsity={7: 0.5}, **RUN)
     with pytest.raises(ValueError, match="uniform, hessian-kmeans, owl"):
         pruner.prune("sparsegpt", sparsity=0.5, schedule="random", **RUN)
+    # an impossible sparsity fails before any calibration data is read (none could be here: no tokenizer)
+    with pytest.raises(ValueError, match="sparsity must be in \\[0, 1\\)"):
+        pruner.prune("sparsegpt", sparsity=1.5, calibration=["text without a tokenizer"])
 
 
 def test_pruning_after_structural_pruning_uses_original_layer_indices():
