@@ -34,8 +34,9 @@ def main() -> int:
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--shifts", type=float, nargs="*", default=[0.05, 0.1, 0.15])
     parser.add_argument("--groups", type=int, nargs="*", default=[3, 5])
-    parser.add_argument("--relative", type=lambda t: t.lower() in ("1", "true", "yes"), nargs="*",
-                        default=[False, True], help="loss relative to output energy (true/false)")
+    parser.add_argument("--normalize", nargs="*", default=["residual", "energy", "none"],
+                        help="scale of the loss: residual | energy | none")
+    parser.add_argument("--powers", type=float, nargs="*", default=[1.0], help="exponent of the loss scale")
     parser.add_argument("--only", nargs="*", default=None, help="run only these schedule names")
     parser.add_argument("--owl-lambdas", type=float, nargs="*", default=[0.08])
     parser.add_argument("--eval-windows", type=int, default=20)
@@ -52,10 +53,12 @@ def main() -> int:
         schedules[f"owl-l{lam}"] = owl(stats, args.sparsity, lam=lam).sparsity
     for k in args.groups:
         for shift in args.shifts:
-            for relative in args.relative:
-                name = f"kmeans-k{k}-s{shift}" + ("-relative" if relative else "")
-                schedules[name] = hessian_kmeans(stats, args.sparsity, num_groups=k, max_shift=shift,
-                                                 relative=relative).sparsity
+            for normalize in args.normalize:
+                for power in args.powers if normalize != "none" else [1.0]:
+                    name = f"kmeans-k{k}-s{shift}-{normalize}" + (f"-p{power}" if power != 1.0 else "")
+                    schedules[name] = hessian_kmeans(stats, args.sparsity, num_groups=k, max_shift=shift,
+                                                     normalize=None if normalize == "none" else normalize,
+                                                     power=power).sparsity
     results = {}
     for name, per_layer in schedules.items():
         if args.only is not None and name not in args.only:
@@ -72,6 +75,7 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"settings": vars(args), "estimated_loss": {str(k): stats[k].loss for k in layers},
                                            "energy": {str(k): stats[k].energy for k in layers},
+                                           "residual": {str(k): stats[k].residual for k in layers},
                                            "schedules": {n: {str(k): round(v, 4) for k, v in s.items()}
                                                          for n, s in schedules.items()},
                                            "outlier_ratio": {str(k): stats[k].outlier_ratio for k in layers},

@@ -15,7 +15,9 @@ from optimum_prune.engine import compress as compress_module
 from optimum_prune.engine.layers import get_weight, linear_groups
 from optimum_prune.engine.obs import PruneSpec, compress_weight, fixed_mask, inverse_cholesky
 from optimum_prune.engine.quant import QuantSpec
-from optimum_prune.engine.schedule import LayerStatistics, hessian_kmeans, kmeans_1d, meet_budget, owl
+from optimum_prune.engine.schedule import (LayerStatistics, collect_statistics, hessian_kmeans, kmeans_1d,
+                                          meet_budget, owl)
+from optimum_prune.engine.sequential import SequentialOptions
 
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
 PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -324,19 +326,34 @@ def test_kmeans_1d_orders_clusters_by_value():
 
 def test_hessian_kmeans_prunes_low_loss_layers_harder_with_exact_budget():
     stats = {i: LayerStatistics(i, 1000, loss=float(10 ** i)) for i in range(6)}
-    schedule = hessian_kmeans(stats, 0.7, num_groups=3, max_shift=0.1)
+    schedule = hessian_kmeans(stats, 0.7, num_groups=3, max_shift=0.1, normalize=None)
     s = schedule.sparsity
     assert abs(sum(s.values()) / 6 - 0.7) < 1e-9
     assert s[0] >= s[2] >= s[5] and s[0] > s[5]
     assert schedule.info["num_groups"] == 3
 
 
-def test_hessian_kmeans_relative_loss_is_scale_free():
-    # losses that only follow the layers' output energy are all the same relative to it: uniform schedule
-    stats = {i: LayerStatistics(i, 1000, loss=float(10 ** i), energy=float(10 ** (i + 2))) for i in range(6)}
-    s = hessian_kmeans(stats, 0.7, relative=True).sparsity
+@pytest.mark.parametrize("normalize", ["energy", "residual"])
+def test_hessian_kmeans_normalized_loss_is_scale_free(normalize):
+    # losses that only follow the scale they are read at are all equal relative to it: uniform schedule
+    stats = {i: LayerStatistics(i, 1000, loss=float(10 ** i), **{normalize: float(10 ** (i + 2))}) for i in range(6)}
+    s = hessian_kmeans(stats, 0.7, normalize=normalize).sparsity
     assert all(abs(v - 0.7) < 1e-9 for v in s.values())
-    assert len(set(hessian_kmeans(stats, 0.7).sparsity.values())) > 1
+    assert len(set(hessian_kmeans(stats, 0.7, normalize=None).sparsity.values())) > 1
+    with pytest.raises(ValueError, match="needs the"):
+        hessian_kmeans({i: LayerStatistics(i, 1000, loss=1.0 + i) for i in range(3)}, 0.7, normalize=normalize)
+
+
+def test_statistics_record_the_residual_scale_of_every_block():
+    model = FAMILIES["llama-gqa"].build()
+    ids = CALIB[:4]
+    stats = collect_statistics(model, ids, sparsity=0.5, loss=True, outliers=False,
+                               options=SequentialOptions(progress=False, device="cpu"))
+    assert all(s.residual is not None and s.residual > 0 for s in stats.values())
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    expected = float(hidden[1].float().pow(2).sum(-1).flatten().median())
+    assert stats[1].residual == pytest.approx(expected, rel=1e-5)
 
 
 def test_owl_keeps_more_weights_in_outlier_layers():

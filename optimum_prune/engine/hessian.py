@@ -8,7 +8,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .layers import LinearGroup
+from ..modeling.adapters import get_adapter
+from .layers import LinearGroup, original_layer_indices
 
 
 class HessianAccumulator:
@@ -56,4 +57,32 @@ def capture_hessians(groups: list[LinearGroup], device: torch.device | str,
         yield accumulators
     finally:
         for handle in handles:
+            handle.remove()
+
+
+class ResidualNorms:
+    """Per block, the squared norms of the tokens' residual stream entering it (forward pre-hooks).
+
+    The median, not the mean: a few "attention sink" tokens carry norms orders of magnitude larger
+    than the rest and would otherwise set the scale of every later block.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.norms: dict[int, list[torch.Tensor]] = {}
+        self.handles = []
+        for block, layer in zip(get_adapter(model).layers(model), original_layer_indices(model)):
+            self.handles.append(block.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            norms = hidden.detach().float().pow(2).sum(-1).flatten().cpu()
+            self.norms.setdefault(layer, []).append(norms)
+        return hook
+
+    def medians(self) -> dict[int, float]:
+        return {layer: float(torch.cat(parts).median()) for layer, parts in self.norms.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
             handle.remove()

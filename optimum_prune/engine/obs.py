@@ -82,25 +82,50 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     return H, weight.detach().to(torch.float32).clone()
 
 
-def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; λ grows ×10 on failure instead of giving NaNs."""
+def _dampened(H: torch.Tensor, percdamp: float, retries: int, factor):
+    """Run ``factor(H + λ·mean(diag H)·I)`` (None on failure), growing λ ×10 until it succeeds."""
     diag_mean = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = percdamp
     for attempt in range(retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * diag_mean * eye)
-        if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                if attempt:
-                    logger.warning("Hessian needed dampening %.3g (retry %d) to be positive definite", damp, attempt)
-                return U, damp
+        result = factor(H + damp * diag_mean * eye)
+        if result is not None:
+            if attempt:
+                logger.warning("Hessian needed dampening %.3g (retry %d) to be positive definite", damp, attempt)
+            return result, damp
         damp *= 10
     raise HessianError(
         f"the Hessian is not positive definite even with dampening {damp / 10:.3g}; "
         "use more calibration samples or a larger `dampening`"
     )
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; λ grows ×10 on failure instead of giving NaNs."""
+
+    def factor(Hd: torch.Tensor) -> torch.Tensor | None:
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() != 0:
+            return None
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return U if info.item() == 0 and torch.isfinite(U).all() else None
+
+    return _dampened(H, percdamp, retries, factor)
+
+
+def dampened_inverse(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(H + λ·mean(diag H)·I, its inverse, λ), with the same ×10 retries as ``inverse_cholesky``."""
+
+    def factor(Hd: torch.Tensor):
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() != 0:
+            return None
+        Hinv = torch.cholesky_inverse(L)
+        return (Hd, Hinv) if torch.isfinite(Hinv).all() else None
+
+    (Hd, Hinv), damp = _dampened(H, percdamp, retries, factor)
+    return Hd, Hinv, damp
 
 
 def obs_saliency(weight: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hessian import ResidualNorms
 from .layers import LinearGroup, get_weight
 from .obs import estimate_pruning_loss
 from .sequential import SequentialOptions, run_sequential
@@ -34,7 +35,9 @@ class LayerStatistics:
     loss: float | None = None
     outlier_ratio: float | None = None
     energy: float | None = None
-    """½·Σ tr(W H Wᵀ) over the layer's Linears: the output energy the loss is relative to."""
+    """½·Σ tr(W H Wᵀ) over the layer's Linears: their output energy."""
+    residual: float | None = None
+    """Median squared norm of a token's residual stream entering the block: the scale its error is read at."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, *, sparsity: f
                        options: SequentialOptions | None = None) -> dict[int, LayerStatistics]:
     """One sequential pass over the dense model (nothing is changed) collecting each layer's statistics."""
     out: dict[int, LayerStatistics] = {}
+    residual = ResidualNorms(model) if loss else None
 
     def step(layer: int, block: nn.Module, groups: list[LinearGroup], hessians: dict[str, torch.Tensor]) -> dict:
         params, total_loss, energy, outlier, count = 0, 0.0, 0.0, 0, 0
@@ -77,8 +81,16 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, *, sparsity: f
     options = options or SequentialOptions()
     # A read-only pass: no checkpoint (the compression pass that follows has its own).
     options = SequentialOptions(**{**options.__dict__, "description": "layer statistics", "checkpoint_dir": None})
-    run_sequential(model, input_ids, step, hessians="full" if loss else "diag", options=options,
-                   run_id=f"statistics {sparsity} {loss} {outliers} {owl_m}")
+    try:
+        run_sequential(model, input_ids, step, hessians="full" if loss else "diag", options=options,
+                       run_id=f"statistics {sparsity} {loss} {outliers} {owl_m}")
+    finally:
+        if residual is not None:
+            residual.remove()
+    if residual is not None:
+        for layer, value in residual.medians().items():
+            if layer in out:
+                out[layer].residual = value
     return out
 
 
@@ -115,21 +127,37 @@ def kmeans_1d(values: list[float], k: int, iterations: int = 100) -> tuple[list[
     return rank[labels].tolist(), centroids[order].tolist()
 
 
+NORMALIZATIONS = (None, "residual", "energy")
+
+
 def hessian_kmeans(stats: dict[int, LayerStatistics], target: float, *, num_groups: int = 3,
-                   max_shift: float = 0.1, relative: bool = False) -> Schedule:
+                   max_shift: float = 0.15, normalize: str | None = "residual", power: float = 1.0) -> Schedule:
     """Cluster log-losses; a cluster's sparsity moves by up to ``max_shift`` against its loss, budget exact.
 
-    ``relative`` divides each layer's loss by its output energy (scale-free across depth).
+    ``normalize`` reads each layer's loss at a scale that is comparable across depth: "residual"
+    divides by the squared norm of the residual stream entering the block (the error a block adds is
+    seen by later blocks through their normalization, relative to that stream); "energy" by the
+    output energy of the layer's own Linears; None keeps the raw OBS loss. The loss is divided by
+    that scale to the ``power`` (1: fully relative; 0: raw).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     layers = sorted(stats)
-    losses = [stats[k].loss / stats[k].energy if relative and stats[k].energy else stats[k].loss for k in layers]
+    scale = {k: 1.0 for k in layers}
+    if normalize is not None:
+        field_ = "residual" if normalize == "residual" else "energy"
+        values = {k: getattr(stats[k], field_) for k in layers}
+        if any(not v for v in values.values()):
+            raise ValueError(f"normalize={normalize!r} needs the {field_} statistic of every layer")
+        scale = values
+    losses = [stats[k].loss / scale[k] ** power for k in layers]
     logs = [math.log(max(v, 1e-30)) for v in losses]
     labels, centroids = kmeans_1d(logs, num_groups)
     centre = sum(centroids) / len(centroids)
     spread = max(abs(c - centre) for c in centroids) or 1.0
     offsets = {k: -max_shift * (centroids[labels[i]] - centre) / spread for i, k in enumerate(layers)}
     sparsity = meet_budget(offsets, {k: stats[k].params for k in layers}, target)
-    info = {"schedule": "hessian-kmeans", "num_groups": len(centroids), "max_shift": max_shift, "relative": relative,
+    info = {"schedule": "hessian-kmeans", "num_groups": len(centroids), "max_shift": max_shift, "normalize": normalize, "power": power,
             "group": {str(k): labels[i] for i, k in enumerate(layers)},
             "log_loss_centroids": [round(c, 4) for c in centroids],
             "estimated_loss": {str(k): stats[k].loss for k in layers}}
