@@ -72,6 +72,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_eval(sub)
 
+    from .ziplm.latency import add_cli as add_latency
+
+    add_latency(sub)
+
     show = sub.add_parser("summary", help="print what was removed from a saved pruned model")
     show.add_argument("model", help="directory or Hub id of a pruned model")
     return parser
@@ -170,6 +174,12 @@ def _eval(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _latency(args: argparse.Namespace) -> int:
+    from .ziplm.latency import run_cli
+
+    return run_cli(args)
+
+
 def _apply(args: argparse.Namespace) -> int:
     import torch
 
@@ -242,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .calibration import CalibrationError
 
     try:
-        return {"apply": _apply, "prune": _prune, "quantize": _quantize, "eval": _eval,
+        return {"apply": _apply, "prune": _prune, "quantize": _quantize, "eval": _eval, "latency": _latency,
                 "summary": _summary}[args.command](args)
     except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
             CalibrationError, FileNotFoundError, ValueError) as err:

@@ -1,0 +1,294 @@
+"""ZipLM latency tables on tiny random models: levels, arithmetic, caching, decode mode, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from zoo import FAMILIES
+
+from optimum_prune import get_adapter
+from optimum_prune.cli import main
+from optimum_prune.ziplm import latency as lat
+from optimum_prune.ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_latency_table
+
+FAST = dict(repeats=2, warmup=1, progress=False)
+ENV = InferenceEnvironment(seq_len=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return FAMILIES["llama-gqa"].build()
+
+
+@pytest.fixture(scope="module")
+def llama_table(llama):
+    return measure_latency_table(llama, ENV, mlp_levels=3, **FAST)
+
+
+def expected_attention_levels(model) -> set[tuple[int, int]]:
+    dims = get_adapter(model).dims(model.config)
+    return {(0, 0)} | {(g, q) for g in range(1, dims.num_kv_heads + 1) for q in range(1, dims.heads_per_group + 1)}
+
+
+def check_values(table: LatencyTable) -> None:
+    times = [*table.attention.values(), *table.mlp.values(), table.rest_ms, table.dense_ms]
+    assert all(math.isfinite(t) and t >= 0 for t in times)
+    assert table.attention[(0, 0)] == 0.0 and table.mlp[0] == 0.0
+    assert all(t > 0 for k, t in table.attention.items() if k != (0, 0))
+    assert all(t > 0 for n, t in table.mlp.items() if n)
+    assert table.dense_ms > 0
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def test_gqa_table_has_every_level(llama, llama_table):
+    assert set(llama_table.attention) == {(0, 0), (1, 1), (1, 2), (2, 1), (2, 2)}
+    assert set(llama_table.mlp) == {0, 16, 32, 48}
+    assert llama_table.num_layers == 4 and llama_table.full_attention == (2, 2) and llama_table.full_mlp == 48
+    check_values(llama_table)
+    assert llama_table.environment.threads == 1
+    assert llama_table.model == lat.model_signature(llama) and "kv_heads=2" in llama_table.model
+    assert llama_table.environment_key == ENV.key()
+
+
+@pytest.mark.parametrize("family", ["llama-mha-tied", "mistral", "qwen2", "qwen3", "opt", "gpt2", "bert", "bert-mlm"])
+def test_every_family_gets_every_level(family):
+    model = FAMILIES[family].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = measure_latency_table(model, ENV, mlp_levels=2, **FAST)
+    assert set(table.attention) == expected_attention_levels(model)
+    assert set(table.mlp) == {0, 24, 48}
+    check_values(table)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mha_levels_are_head_counts():
+    table = measure_latency_table(FAMILIES["gpt2"].build(), ENV, mlp_levels=[48], **FAST)
+    assert set(table.attention) == {(0, 0), (1, 1), (2, 1), (3, 1), (4, 1)}
+    assert table.mlp_grid == [48]
+
+
+def test_decode_mode_on_a_tiny_llama(llama):
+    env = InferenceEnvironment(seq_len=8, mode="decode", threads=1, batch_size=2)
+    table = measure_latency_table(llama, env, mlp_levels=2, **FAST)
+    assert set(table.attention) == expected_attention_levels(llama)
+    check_values(table)
+    assert table.environment.mode == "decode" and "mode=decode" in table.environment_key
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_measure_model_ms_times_pruned_models_as_they_are(mode):
+    from optimum_prune import Pruner, PruningConfig
+
+    env = InferenceEnvironment(seq_len=8, threads=1, mode=mode)
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruner.apply(PruningConfig(remove_heads={0: [0, 1]}, remove_neurons={1: list(range(20))}, drop_attention=[2]))
+    before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    ms = lat.measure_model_ms(pruner.model, env, repeats=2, warmup=1)
+    assert math.isfinite(ms) and ms > 0
+    assert all(torch.equal(before[k], v) for k, v in pruner.model.state_dict().items())
+    with pytest.raises(ValueError, match="move it there first"):
+        lat.measure_model_ms(pruner.model, InferenceEnvironment(seq_len=8, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="seq_len <= 64"):
+        lat.measure_model_ms(pruner.model, InferenceEnvironment(seq_len=100))
+
+
+def test_bert_decode_is_refused():
+    with pytest.raises(ValueError, match="prefill"):
+        measure_latency_table(FAMILIES["bert"].build(), InferenceEnvironment(seq_len=8, mode="decode"), **FAST)
+
+
+def test_seq_len_beyond_the_positions_is_refused(llama):
+    with pytest.raises(ValueError, match="seq_len <= 63"):
+        measure_latency_table(llama, InferenceEnvironment(seq_len=64, mode="decode"), **FAST)
+
+
+def test_pruned_model_is_refused():
+    from optimum_prune import Pruner, PruningConfig
+
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruner.apply(PruningConfig(remove_neurons={0: [1, 2]}))
+    with pytest.raises(ValueError, match="dense model"):
+        measure_latency_table(pruner.model, ENV, **FAST)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_refused(llama):
+    with pytest.raises(ValueError, match="device='cpu'"):
+        measure_latency_table(llama, InferenceEnvironment(device="cuda", seq_len=8), **FAST)
+
+
+# --------------------------------------------------------------------------------- environment
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device="tpu"), "'cpu', 'cuda' or 'cuda:N'"),
+        (dict(dtype="float64"), "'float32', 'float16' or 'bfloat16'"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(seq_len=-1), "seq_len must be a positive integer"),
+        (dict(seq_len=8.0), "seq_len must be a positive integer"),
+        (dict(mode="generate"), "'prefill' or 'decode'"),
+        (dict(threads=0), "threads must be a positive integer"),
+    ],
+)
+def test_invalid_environment_names_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceEnvironment(**kwargs)
+
+
+def test_environment_key_and_aliases():
+    env = InferenceEnvironment(dtype="bf16", device="CPU")
+    assert env.dtype == "bfloat16" and env.device == "cpu" and env.torch_dtype is torch.bfloat16
+    key = env.key()
+    assert key == env.key() and torch.__version__ in key and "dtype=bfloat16" in key
+    assert f"threads={torch.get_num_threads()}" in key and env.resolved().threads == torch.get_num_threads()
+    assert InferenceEnvironment(threads=1).key() != InferenceEnvironment(threads=2).key()
+
+
+def test_mlp_grid():
+    grid = lat.mlp_grid(1536)
+    assert len(grid) == 16 and grid[0] == 96 and grid[-1] == 1536 and all(n % 8 == 0 for n in grid)
+    assert lat.mlp_grid(48, 3) == [16, 32, 48]
+    assert lat.mlp_grid(50, [10, 20, 0]) == [10, 20, 50]
+    assert lat.mlp_grid(5, 16) == [1, 2, 3, 4, 5]
+    assert lat.mlp_grid(1000)[-1] == 1000
+    with pytest.raises(ValueError, match="0..48"):
+        lat.mlp_grid(48, [64])
+    with pytest.raises(ValueError, match="at least 1"):
+        lat.mlp_grid(48, 0)
+
+
+# ---------------------------------------------------------------------------------- arithmetic
+
+
+def hand_table() -> LatencyTable:
+    return LatencyTable(environment=ENV, model="hand", num_layers=2, rest_ms=0.5, dense_ms=9.5,
+                        attention={(1, 1): 1.0, (1, 2): 1.5, (2, 1): 1.8, (2, 2): 2.5},
+                        mlp={16: 1.0, 32: 1.6, 48: 2.0})
+
+
+def test_model_ms_and_speedup_arithmetic():
+    table = hand_table()
+    full = table.dense_levels()
+    assert full == [((2, 2), 48), ((2, 2), 48)]
+    assert table.model_ms(full) == pytest.approx(0.5 + 2 * (2.5 + 2.0))
+    assert table.speedup(full) == pytest.approx(1.0)
+    smaller = [((2, 1), 32), ((1, 1), 16)]
+    assert table.model_ms(smaller) == pytest.approx(0.5 + 1.8 + 1.6 + 1.0 + 1.0)
+    assert table.speedup(smaller) == pytest.approx(9.5 / 5.9)
+    assert table.model_ms([((0, 0), 0), ((0, 0), 0)]) == pytest.approx(0.5)
+    previous = table.model_ms(full)
+    for levels in ([((2, 2), 32)] * 2, [((1, 2), 32)] * 2, [((1, 1), 16)] * 2, [((1, 1), 0)] * 2):
+        assert table.model_ms(levels) <= previous
+        previous = table.model_ms(levels)
+    with pytest.raises(ValueError, match="one .* per layer"):
+        table.model_ms(full[:1])
+
+
+def test_measured_full_levels_reproduce_the_dense_time(llama_table):
+    t = llama_table
+    (g, q), n = t.full_attention, t.full_mlp
+    assert t.speedup(t.dense_levels()) == pytest.approx(
+        t.dense_ms / (t.rest_ms + t.num_layers * (t.attention[(g, q)] + t.mlp[n])))
+
+
+def test_mlp_interpolation_and_lookups():
+    table = hand_table()
+    assert table.mlp_ms(0) == 0.0 and table.mlp_ms(16) == 1.0 and table.mlp_ms(48) == 2.0
+    assert table.mlp_ms(24) == pytest.approx(1.3)
+    assert table.mlp_ms(8) == pytest.approx(0.5)
+    assert table.mlp_ms(40) == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="0..48"):
+        table.mlp_ms(49)
+    assert table.attention_ms(0, 0) == 0.0 and table.attention_ms(2, 1) == 1.8
+    with pytest.raises(ValueError, match="1..2 KV groups"):
+        table.attention_ms(3, 1)
+
+
+def test_bad_tables_are_refused():
+    with pytest.raises(ValueError, match="finite"):
+        LatencyTable(environment=ENV, model="x", num_layers=1, rest_ms=0, dense_ms=1,
+                     attention={(1, 1): float("nan")}, mlp={4: 1.0})
+    with pytest.raises(ValueError, match="missing"):
+        LatencyTable.from_dict({"model": "x"})
+
+
+# ------------------------------------------------------------------------------ save and cache
+
+
+def test_save_load_roundtrip(llama_table, tmp_path):
+    path = llama_table.save(tmp_path / "sub" / "table.json")
+    assert LatencyTable.load(path) == llama_table
+    assert [p.name for p in path.parent.iterdir()] == ["table.json"]  # no temporary file left behind
+    assert json.loads(path.read_text())["attention"]["2,1"] == llama_table.attention[(2, 1)]
+    assert "MLP sublayer" in llama_table.to_text() and "g \\ q" in llama_table.to_text()
+
+
+def test_get_latency_table_reuses_and_remeasures(llama, tmp_path, monkeypatch, caplog):
+    calls = []
+    real = lat.measure_latency_table
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lat, "measure_latency_table", counting)
+    first = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    with caplog.at_level(logging.INFO, logger=lat.__name__):
+        again = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
+    assert len(calls) == 1 and again == first
+    assert "reusing the latency table" in caplog.text
+
+    get_latency_table(llama, InferenceEnvironment(seq_len=6, threads=1), cache_dir=tmp_path, mlp_levels=2, **FAST)
+    assert len(calls) == 2
+    get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=3, **FAST)  # another FFN grid
+    assert len(calls) == 3
+    get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, remeasure=True, **FAST)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.json"))) == 3
+
+    path = lat.latency_table_path(llama, ENV, cache_dir=tmp_path, mlp_levels=2)
+    path.write_text("{not json")
+    get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)  # corrupt: measured again
+    assert len(calls) == 5 and LatencyTable.load(path).model == first.model
+
+
+def test_cache_dir_honours_the_environment_variable(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path))
+    assert lat.default_cache_dir() == tmp_path / "latency"
+    get_latency_table(llama, ENV, mlp_levels=[48], **FAST)
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 1
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_writes_the_table(tmp_path, capsys):
+    FAMILIES["llama-gqa"].build().save_pretrained(tmp_path / "dense")
+    out = tmp_path / "table.json"
+    args = ["latency", "--model", str(tmp_path / "dense"), "--seq-len", "8", "--mlp-levels", "2", "--repeats", "2",
+            "--warmup", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    code = main([*args, "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    table = LatencyTable.load(out)
+    assert set(table.attention) == {(0, 0), (1, 1), (1, 2), (2, 1), (2, 2)} and set(table.mlp) == {0, 24, 48}
+    assert "attention sublayer" in printed and "dense:" in printed and "measured; cached at" in printed
+    assert main(args) == 0
+    assert "reused the table cached at" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [(["--mode", "generate"], "'prefill' or 'decode'"),
+                                            (["--dtype", "int8"], "'float32', 'float16' or 'bfloat16'")])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    code = main(["latency", "--model", str(tmp_path / "missing"), "--cache-dir", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
