@@ -18,9 +18,13 @@ from .loading import TASKS, task_of_model
 from .modeling.adapters import base_model_type
 from .modeling.modeling_pruned import PrunedModelMixin, pruned_config_class, pruned_model_class
 from .modeling.pruning_config import PruningConfig
-from .modeling.surgery import apply_structure
+from .modeling.surgery import apply_structure, current_structure
 from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
+from .ziplm.family import ZipLMFamily
+from .ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_model_ms, model_signature
+from .ziplm.method import ZipLMSettings, run_ziplm
+from .ziplm.search import check_targets
 
 logger = logging.get_logger(__name__)
 
@@ -34,12 +38,22 @@ class Pruner(CompressionSession):
     >>> pruner.save_pretrained("smollm2-pruned")
     """
 
+    ziplm_database = None
+    """The level database of the last ZipLM run; a later run with the same calibration and grid reuses it."""
+    _ziplm_key: tuple | None = None
+
     def prune(
         self,
         method: str | None = None,
         *,
+        target_speedup: float | list[float] | None = None,
         sparsity: float | dict[int, float] | None = None,
         n_m: str | tuple[int, int] | None = None,
+        latency: InferenceEnvironment | dict[str, Any] | None = None,
+        latency_table: LatencyTable | str | os.PathLike | None = None,
+        search_iterations: int = 30,
+        search_samples: int = 8,
+        measure_speedup: bool = True,
         schedule: str = "uniform",
         schedule_options: dict[str, Any] | None = None,
         calibration: Any = None,
@@ -52,8 +66,15 @@ class Pruner(CompressionSession):
         dampening: float = 0.01,
         blocksize: int = 128,
         progress: bool = True,
-    ) -> PreTrainedModel:
-        """Sparsify the Linears of every block with SparseGPT, Wanda or magnitude, and return the model.
+    ) -> PreTrainedModel | ZipLMFamily:
+        """Prune with ZipLM to measured speedups, or sparsify with SparseGPT, Wanda or magnitude.
+
+        ``target_speedup`` (ZipLM, the default method when it is given): one target returns the pruned
+        model (held by this Pruner); a list returns a ``ZipLMFamily`` {target: Pruner}, this Pruner's
+        model staying dense. Speedups refer to a latency table measured in ``latency`` (an
+        ``InferenceEnvironment`` or its fields as a dict; default: this device and dtype, batch 1 x 512
+        tokens, prefill), cached and reused; or pass ``latency_table`` (a table or its JSON file). The
+        achieved speedup is measured after pruning (``measure_speedup``) and recorded.
 
         ``sparsity`` is one fraction or {original layer index: fraction}; ``n_m="2:4"`` asks for N:M
         semi-structured masks instead. ``schedule`` ("uniform", "hessian-kmeans", "owl") spreads one
@@ -61,9 +82,24 @@ class Pruner(CompressionSession):
         of strings, a ``datasets.Dataset`` or token ids; by default WikiText-2, or text sampled from the
         model when offline. ``checkpoint_dir`` makes the run resumable.
         """
-        method = method or "sparsegpt"
+        method = method or ("ziplm" if target_speedup is not None else "sparsegpt")
+        options = RunOptions(calibration, num_samples, seq_len, seed, batch_size, device, checkpoint_dir, progress)
+        if method == "ziplm":
+            if target_speedup is None:
+                raise ValueError("ZipLM prunes to a target speedup: pass target_speedup=1.5 (or a list, e.g. "
+                                 "[1.25, 1.5, 2.0], for one model per target)")
+            if sparsity is not None or n_m is not None:
+                raise ValueError("ZipLM removes whole heads and neurons to meet `target_speedup`; `sparsity` and "
+                                 "`n_m` belong to method='sparsegpt' / 'wanda' / 'magnitude'")
+            return self._ziplm(target_speedup, options, latency=latency, latency_table=latency_table,
+                               settings=ZipLMSettings(search_iterations=search_iterations,
+                                                      search_samples=search_samples, dampening=dampening, seed=seed),
+                               measure=measure_speedup)
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {method!r}; choose one of ziplm, {', '.join(METHODS)}")
+        if target_speedup is not None:
+            raise ValueError(f"target_speedup is ZipLM's (structured pruning to a measured speedup); method "
+                             f"{method!r} sparsifies weights to a `sparsity`")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         n, m = _parse_n_m(n_m)
@@ -76,7 +112,6 @@ class Pruner(CompressionSession):
         if schedule != "uniform" and (isinstance(sparsity, dict) or m):
             raise ValueError(f"schedule={schedule!r} spreads ONE target sparsity over the layers: "
                              "give sparsity as a number and no n_m")
-        options = RunOptions(calibration, num_samples, seq_len, seed, batch_size, device, checkpoint_dir, progress)
         seq = options.sequential(method)
         start = time.perf_counter()
         needs_data = method != "magnitude" or schedule != "uniform"
@@ -97,6 +132,72 @@ class Pruner(CompressionSession):
         logger.info("%s: %.1f%% of the Linear weights in the blocks are zero", method, 100 * achieved)
         return self.model
 
+    def _ziplm(self, target_speedup: float | list[float], options: RunOptions, *, latency, latency_table,
+               settings: ZipLMSettings, measure: bool) -> PreTrainedModel | ZipLMFamily:
+        """ZipLM on this Pruner's (dense) model: one database, one search per target, measured speedups."""
+        single = isinstance(target_speedup, (int, float))
+        targets = [float(target_speedup)] if single else [float(t) for t in target_speedup]
+        if not targets or any(not t > 0 for t in targets):
+            raise ValueError(f"target speedups must be positive numbers (1.5 = 1.5x faster), got {target_speedup!r}")
+        start = time.perf_counter()
+        table = self._latency_table(latency, latency_table, options)
+        check_targets(targets, table)
+        ids, calib_info = self.calibration_data(options)
+        key = (tuple(sorted(table.mlp)), settings.dampening)
+        reuse = None
+        if self._ziplm_key is not None and self._ziplm_key[0] is ids and self._ziplm_key[1] == key:
+            reuse = self.ziplm_database
+        outcomes, database = run_ziplm(self.model, ids, targets, table, settings=settings,
+                                       options=options.sequential("ZipLM"), database=reuse)
+        self.ziplm_database = database
+        self._ziplm_key = (ids, key)
+        env = table.environment
+        dense_ms = measure_model_ms(self.model, env) if measure else None
+        family = ZipLMFamily()
+        for target, outcome in outcomes.items():
+            member = Pruner(outcome.model, self.tokenizer, base_model=self.base_model)
+            member._calibration_cache = self._calibration_cache
+            member._adopt_pruned_class()
+            pruned_ms = measure_model_ms(outcome.model, env) if measure else None
+            measured = round(dense_ms / pruned_ms, 4) if measure else None
+            metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
+                       "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
+                       "level_database_mib": round(database.nbytes() / 2**20, 2),
+                       "compression_seconds": round(time.perf_counter() - start, 2)}
+            member._record(method="ziplm", target_speedup=target, measured_speedup=measured,
+                           latency_environment=env.to_dict(), calibration=calib_info, metrics=metrics,
+                           search={**outcome.search, "levels": {str(k): v for k, v in outcome.levels.items()}})
+            if measured is not None:
+                logger.info("ZipLM %gx: measured %.3fx (predicted %.3fx)", target, measured, outcome.predicted_speedup)
+            family[target] = member
+        if single:
+            self.model = family[targets[0]].model
+            return self.model
+        return family
+
+    def _latency_table(self, latency, latency_table, options: RunOptions) -> LatencyTable:
+        if latency_table is not None:
+            table = latency_table if isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+            if table.model != model_signature(self.model):
+                raise ValueError(f"the latency table was measured for {table.model}, not for this model "
+                                 f"({model_signature(self.model)}); measure one with `optimum-prune latency`")
+            return table
+        if isinstance(latency, InferenceEnvironment):
+            env = latency
+        else:
+            fields = dict(latency or {})
+            param = next(self.model.parameters())
+            fields.setdefault("device", str(options.device or param.device))
+            fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
+            env = InferenceEnvironment(**fields)
+        return get_latency_table(self.model, env, progress=options.progress)
+
+    def _adopt_pruned_class(self) -> None:
+        """Give a structurally pruned model the classes that rebuild its structure at load time."""
+        if current_structure(self.model).is_structured and not isinstance(self.model, PrunedModelMixin):
+            self.model.__class__ = pruned_model_class(self.model)
+            self.model.config.__class__ = pruned_config_class(base_model_type(self.model.config.model_type))
+
     def apply(self, config: PruningConfig | dict[str, Any]) -> PreTrainedModel:
         """Physically remove the structures in ``config`` (original indices) and return the model.
 
@@ -107,10 +208,8 @@ class Pruner(CompressionSession):
             config = PruningConfig.from_dict(config)
         if config.base_model is None and self.pruning_config.base_model is None and self.base_model:
             config.base_model = self.base_model
-        structure = apply_structure(self.model, config)
-        if structure.is_structured and not isinstance(self.model, PrunedModelMixin):
-            self.model.__class__ = pruned_model_class(self.model)
-            self.model.config.__class__ = pruned_config_class(base_model_type(self.model.config.model_type))
+        apply_structure(self.model, config)
+        self._adopt_pruned_class()
         if logger.isEnabledFor(logging.INFO):
             logger.info("pruned: %s", self.summary().to_markdown().splitlines()[2])
         return self.model

@@ -1,0 +1,282 @@
+"""ZipLM's level database: structured OBS over attention heads and FFN neurons, every level in one pass.
+
+Per layer, the output projection of each sublayer (o_proj / down_proj and their equivalents) sees its
+input Hessian H. Removing a head or a neuron removes a group of that projection's input columns S;
+structured OBS gives its loss ½·tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ) and the correction of the remaining weights.
+Units are removed greedily one at a time (least loss first, H⁻¹ and W updated after each), so one pass
+yields every level. The database keeps only WHICH units each level removes and its loss, plus H: the
+corrected weights of any level are recomputed exactly from the dense W and H when a level is used
+(``refit``), instead of storing a weight copy per level.
+
+GQA: a level is (KV groups kept, query heads kept per group). Query heads are first removed one per
+group at a time (the least-loss head of every group, jointly), giving levels (G, q); from each of
+those, whole groups are removed greedily, giving (g, q) for every g. Without GQA, groups are heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..engine.hessian import ResidualNorms
+from ..engine.layers import LinearGroup, get_weight
+from ..engine.obs import dampened_inverse
+from ..engine.sequential import SequentialOptions, run_sequential
+from ..modeling.adapters import ModelDims, get_adapter
+
+logger = logging.get_logger(__name__)
+
+AttentionLevel = tuple[int, int]
+"""(KV groups kept, query heads kept per group); (0, 0) removes the attention sublayer."""
+
+
+@dataclass
+class Level:
+    """One compression level of a sublayer: the units it removes (original indices) and its OBS loss."""
+
+    removed: tuple[int, ...]
+    loss: float
+
+
+@dataclass
+class SublayerDatabase:
+    """Every level of one sublayer, plus the damped Hessian its corrected weights are refit from."""
+
+    kind: str
+    """"attention" (units: query heads) or "mlp" (units: FFN neurons)."""
+    levels: dict[Any, Level]
+    hessian: torch.Tensor
+    """Damped input Hessian of the output projection (fp32, CPU)."""
+    unit_width: int
+    """Input columns of the output projection per unit (head_dim for heads, 1 for neurons)."""
+
+    def columns(self, removed: tuple[int, ...]) -> torch.Tensor:
+        """Input columns of the output projection that survive when ``removed`` units are gone."""
+        n = self.hessian.shape[0]
+        keep = torch.ones(n, dtype=torch.bool)
+        for unit in removed:
+            keep[unit * self.unit_width:(unit + 1) * self.unit_width] = False
+        return keep.nonzero().flatten()
+
+
+@dataclass
+class LayerDatabase:
+    layer: int
+    attention: SublayerDatabase
+    mlp: SublayerDatabase
+    scale: float = 1.0
+    """Median squared norm of the residual stream entering the block: losses are read relative to it."""
+
+
+@dataclass
+class LevelDatabase:
+    """The whole model's levels (by original layer index) and the settings that built them."""
+
+    layers: dict[int, LayerDatabase]
+    dims: ModelDims
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """In-memory size: the Hessians dominate; the levels are index lists."""
+        total = 0
+        for entry in self.layers.values():
+            for sub in (entry.attention, entry.mlp):
+                total += sub.hessian.numel() * sub.hessian.element_size()
+                total += sum(8 * len(level.removed) + 16 for level in sub.levels.values())
+        return total
+
+
+# --------------------------------------------------------------------------- structured OBS
+class _StructuredOBS:
+    """Greedy structured OBS on one matrix: W [out, in] and H⁻¹, with units = groups of input columns."""
+
+    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor) -> None:
+        self.W = W.clone()
+        self.Hinv = Hinv.clone()
+        self.loss = 0.0
+
+    def copy(self) -> "_StructuredOBS":
+        other = _StructuredOBS.__new__(_StructuredOBS)
+        other.W, other.Hinv, other.loss = self.W.clone(), self.Hinv.clone(), self.loss
+        return other
+
+    def unit_losses(self, units: list[torch.Tensor]) -> torch.Tensor:
+        """OBS loss of removing each unit alone (units of equal width, batched)."""
+        cols = torch.stack(units)  # [U, w]
+        blocks = self.Hinv[cols[:, :, None], cols[:, None, :]]  # [U, w, w]
+        Ws = self.W[:, cols].permute(1, 0, 2)  # [U, out, w]
+        if cols.shape[1] == 1:
+            return 0.5 * Ws.pow(2).sum((1, 2)) / blocks[:, 0, 0]
+        solved = _spd_solve(blocks, Ws.transpose(1, 2))  # [U, w, out]
+        return 0.5 * (Ws.transpose(1, 2) * solved).sum((1, 2))
+
+    def remove(self, cols: torch.Tensor) -> float:
+        """Remove the columns ``cols`` jointly: OBS update of W and H⁻¹; returns the step's loss."""
+        block = self.Hinv[cols][:, cols]
+        rows = self.Hinv[cols]  # [s, in]
+        Ws = self.W[:, cols]
+        if cols.numel() == 1:
+            inv = 1.0 / block
+            step = float(0.5 * Ws.pow(2).sum() * inv)
+            self.W -= (Ws * inv) @ rows
+            self.Hinv -= rows.t() @ (rows * inv)
+        else:
+            solved = _spd_solve(block, rows)  # (H⁻¹_SS)⁻¹ H⁻¹_S:
+            step = float(0.5 * (Ws @ _spd_solve(block, Ws.t())).trace())
+            self.W -= Ws @ solved
+            self.Hinv -= rows.t() @ solved
+        self.W[:, cols] = 0
+        self.Hinv[cols, :] = 0
+        self.Hinv[:, cols] = 0
+        self.Hinv[cols, cols] = 1.0  # keeps the removed block invertible; never selected again
+        self.loss += max(step, 0.0)
+        return step
+
+
+def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A⁻¹B for symmetric positive definite A (batched), through its Cholesky factor."""
+    return torch.cholesky_solve(B.contiguous(), torch.linalg.cholesky(A))
+
+
+def _head_columns(head: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(head * head_dim, (head + 1) * head_dim, device=device)
+
+
+def attention_levels(W: torch.Tensor, Hinv: torch.Tensor, dims: ModelDims) -> dict[AttentionLevel, Level]:
+    """Every (groups, q per group) level of one attention's output projection, by greedy structured OBS."""
+    G, Q, hd = dims.num_kv_heads, dims.heads_per_group, dims.head_dim
+    device = W.device
+    levels: dict[AttentionLevel, Level] = {}
+    heads_of = {g: list(range(g * Q, (g + 1) * Q)) for g in range(G)}
+    state = _StructuredOBS(W, Hinv)
+    removed: list[int] = []
+    for q in range(Q, 0, -1):
+        _remove_groups(state.copy(), heads_of, removed, q, hd, levels)
+        if q == 1:
+            break
+        # one more query head out of every group: each group's least-loss head, removed jointly
+        choice = []
+        for g in range(G):
+            alive = heads_of[g]
+            losses = state.unit_losses([_head_columns(h, hd, device) for h in alive])
+            choice.append(alive[int(torch.argmin(losses))])
+        state.remove(torch.cat([_head_columns(h, hd, device) for h in choice]))
+        removed += choice
+        heads_of = {g: [h for h in heads_of[g] if h not in choice] for g in heads_of}
+    levels[(0, 0)] = Level(tuple(range(dims.num_heads)), math.nan)  # loss filled by the caller (exact)
+    return levels
+
+
+def _remove_groups(state: _StructuredOBS, heads_of: dict[int, list[int]], removed: list[int], q: int, hd: int,
+                   levels: dict[AttentionLevel, Level]) -> None:
+    """From a state where every group keeps ``q`` heads: levels (g, q) for g = G..1, greedily by group."""
+    device = state.W.device
+    alive = dict(heads_of)
+    gone = list(removed)
+    levels[(len(alive), q)] = Level(tuple(sorted(gone)), state.loss)
+    while len(alive) > 1:
+        groups = list(alive)
+        cols = [torch.cat([_head_columns(h, hd, device) for h in alive[g]]) for g in groups]
+        best = groups[int(torch.argmin(state.unit_losses(cols)))]
+        state.remove(torch.cat([_head_columns(h, hd, device) for h in alive[best]]))
+        gone += alive.pop(best)
+        levels[(len(alive), q)] = Level(tuple(sorted(gone)), state.loss)
+
+
+def mlp_levels(W: torch.Tensor, Hinv: torch.Tensor, kept_levels: list[int], max_steps: int = 2048
+               ) -> dict[int, Level]:
+    """Levels (neurons kept) of one MLP's output projection: neurons removed greedily by structured OBS.
+
+    Up to ``max_steps`` greedy steps; wider layers remove several least-loss neurons per step.
+    """
+    n = W.shape[1]
+    per_step = max(1, math.ceil(n / max_steps))
+    targets = sorted({min(max(int(k), 0), n) for k in kept_levels} | {n, 0}, reverse=True)
+    state = _StructuredOBS(W, Hinv)
+    alive = torch.ones(n, dtype=torch.bool, device=W.device)
+    order: list[int] = []
+    levels: dict[int, Level] = {}
+    for target in targets:
+        while n - len(order) > max(target, 0) and target > 0:
+            count = min(per_step, n - len(order) - target)
+            idx = alive.nonzero().flatten()
+            losses = 0.5 * state.W[:, idx].pow(2).sum(0) / torch.diagonal(state.Hinv)[idx]
+            pick = idx[torch.topk(losses, count, largest=False).indices]
+            state.remove(pick)
+            alive[pick] = False
+            order += pick.tolist()
+        levels[target] = Level(tuple(sorted(order)), state.loss if target > 0 else math.nan)
+    levels[0] = Level(tuple(range(n)), math.nan)
+    return levels
+
+
+def full_removal_loss(W: torch.Tensor, H: torch.Tensor) -> float:
+    """Loss of removing the whole sublayer (its output becomes zero): ½·tr(W H Wᵀ)."""
+    return float(0.5 * ((W @ H) * W).sum())
+
+
+def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """OBS-corrected weights of the kept input columns: W H[:, K] H[K, K]⁻¹ (= the greedy updates, exactly)."""
+    W = weight.detach().float()
+    H = hessian.to(W.device)
+    if keep.numel() == W.shape[1]:
+        return W.clone()
+    if keep.numel() == 0:
+        return W.new_zeros(W.shape[0], 0)
+    rhs = (W @ H[:, keep]).t()  # [K, out]
+    return _spd_solve(H[keep][:, keep], rhs).t().contiguous()
+
+
+# --------------------------------------------------------------------------- building the database
+def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float = 0.01,
+                   options: SequentialOptions | None = None) -> LevelDatabase:
+    """One read-only sequential pass over the dense model: the levels of every attention and MLP."""
+    adapter = get_adapter(model)
+    dims = adapter.dims(model.config)
+    layers: dict[int, LayerDatabase] = {}
+
+    def step(layer: int, block: nn.Module, groups: list[LinearGroup], hessians: dict[str, torch.Tensor]) -> dict:
+        by_kind = {g.kind: g for g in groups}
+        missing = {"attention_out", "mlp_out"} - set(by_kind)
+        if missing:
+            raise ValueError(f"layer {layer} has no {' / '.join(sorted(missing))} to prune: ZipLM starts from a "
+                             "model whose sublayers are all present")
+        subs = {}
+        for kind, out_kind in (("attention", "attention_out"), ("mlp", "mlp_out")):
+            W = get_weight(by_kind[out_kind].modules[0]).float()
+            H = hessians[out_kind].float()
+            H[torch.diag(H) == 0, torch.diag(H) == 0] = 1.0  # dead inputs
+            Hd, Hinv, _ = dampened_inverse(H, dampening)
+            if kind == "attention":
+                levels = attention_levels(W, Hinv, dims)
+                width = dims.head_dim
+            else:
+                levels = mlp_levels(W, Hinv, mlp_kept)
+                width = 1
+            full = full_removal_loss(W, Hd)
+            for level in levels.values():
+                if math.isnan(level.loss):
+                    level.loss = full
+            subs[kind] = SublayerDatabase(kind, levels, Hd.cpu(), width)
+        layers[layer] = LayerDatabase(layer, subs["attention"], subs["mlp"])
+        return {"loss": subs["attention"].levels[(0, 0)].loss + subs["mlp"].levels[0].loss}
+
+    step.modifies_weights = False  # type: ignore[attr-defined]
+    options = options or SequentialOptions()
+    options = SequentialOptions(**{**options.__dict__, "description": "ZipLM level database", "checkpoint_dir": None})
+    residual = ResidualNorms(model)
+    try:
+        run_sequential(model, input_ids, step, hessians="full", options=options,
+                       run_id=f"ziplm database {mlp_kept} {dampening}")
+    finally:
+        residual.remove()
+    for layer, value in residual.medians().items():
+        if layer in layers:
+            layers[layer].scale = max(value, 1e-12)
+    return LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
+                                        "calibration_tokens": int(input_ids.numel())})

@@ -1,0 +1,145 @@
+"""ZipLM end to end: level database → per-target search under the latency table → stitched models.
+
+One database (one sequential pass over the dense model) serves every target, so a family of models
+for several speedups costs one calibration pass plus one search per target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from ..engine.sequential import SequentialOptions
+from ..evaluation import is_causal_lm, kl_to_reference, reference_logprobs
+from ..modeling.pruning_config import PruningConfig
+from ..modeling.surgery import current_structure
+from .database import LevelDatabase, build_database
+from .search import (Item, Stitcher, budget_for, check_targets, dp_select, items_from, predicted_ms, reachable_range,
+                     refine)
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ZipLMSettings:
+    """Search settings; the defaults suit models up to a few billion parameters on one device."""
+
+    search_iterations: int = 30
+    """Randomized refinement steps per target (0: the DP's choice on OBS losses alone)."""
+    search_samples: int = 8
+    """Calibration windows used to score candidates (KL to the dense model; output error for encoders)."""
+    top_k: int = 100
+    """Top-K KL (bounded memory for large vocabularies)."""
+    resolution: int = 2000
+    """Time grid of the DP."""
+    dampening: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class ZipLMOutcome:
+    """One target's pruned model and how it was chosen."""
+
+    target: float
+    model: nn.Module
+    structure: PruningConfig
+    levels: dict[int, dict[str, Any]]
+    predicted_speedup: float
+    estimated_loss: float
+    score: float | None
+    search: dict[str, Any] = field(default_factory=dict)
+
+
+class _Scorer:
+    """Calibration score of a candidate: Top-K KL to the dense model (LMs) or relative output error (encoders)."""
+
+    def __init__(self, dense: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int) -> None:
+        self.ids = ids
+        self.batch_size = batch_size
+        self.causal = is_causal_lm(dense)
+        if self.causal:
+            self.reference = reference_logprobs(dense, ids, top_k, batch_size=batch_size, progress=False)
+        else:
+            self.reference = self._hidden(dense)
+
+    @torch.no_grad()
+    def _hidden(self, model: nn.Module) -> torch.Tensor:
+        device = next(model.parameters()).device
+        outs = []
+        for batch in self.ids.split(self.batch_size):
+            batch = batch.to(device)
+            out = model(input_ids=batch, attention_mask=torch.ones_like(batch))
+            outs.append(out.last_hidden_state.float().cpu() if hasattr(out, "last_hidden_state") else out[0].cpu())
+        return torch.cat(outs)
+
+    def __call__(self, model: nn.Module) -> float:
+        if self.causal:
+            return kl_to_reference(model, self.reference, batch_size=self.batch_size, progress=False)
+        hidden = self._hidden(model)
+        return float((hidden - self.reference).pow(2).sum() / self.reference.pow(2).sum())
+
+
+def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], table, *,
+              settings: ZipLMSettings | None = None, options: SequentialOptions | None = None,
+              database: LevelDatabase | None = None) -> tuple[dict[float, ZipLMOutcome], LevelDatabase]:
+    """Prune ``model`` (dense, left unchanged) to each target speedup of ``table``; returns the outcomes."""
+    settings = settings or ZipLMSettings()
+    options = options or SequentialOptions()
+    if not current_structure(model).is_empty:
+        raise ValueError("ZipLM starts from a model without removed structures; load the dense model "
+                         "(the latency table and the level database refer to its full dimensions)")
+    check_targets(targets, table)  # before the (long) database pass
+    if database is None:
+        database = build_database(model, input_ids, mlp_kept=sorted(table.mlp), dampening=settings.dampening,
+                                  options=options)
+    items = items_from(database, table)
+    low, high = reachable_range(table)
+    stitcher = Stitcher(model, database)
+    generator = torch.Generator().manual_seed(settings.seed)
+    score_ids = input_ids[torch.randperm(input_ids.shape[0], generator=generator)[: settings.search_samples]]
+    scorer = _Scorer(model, score_ids, settings.top_k, options.batch_size) if settings.search_iterations else None
+    outcomes: dict[float, ZipLMOutcome] = {}
+    for target in targets:
+        budget = budget_for(target, items, table)
+        bar = tqdm(total=settings.search_iterations, desc=f"ZipLM search {target:g}x", disable=not options.progress)
+
+        def score(picked: list[int]) -> float:
+            candidate = stitcher.build(items, picked)
+            value = scorer(candidate)
+            del candidate
+            return value
+
+        def tick(iteration: int, best: float) -> None:
+            bar.update(1)
+            bar.set_postfix(score=f"{best:.4g}")
+
+        result = refine(items, budget, score, iterations=settings.search_iterations, seed=settings.seed,
+                        resolution=settings.resolution, progress=tick)
+        bar.close()
+        pruned = stitcher.build(items, result.picked)
+        structure = stitcher.structure(items, result.picked)
+        levels = _levels(items, result.picked)
+        estimated = sum(item.losses[j] for item, j in zip(items, result.picked))
+        predicted = table.dense_ms / predicted_ms(items, result.picked, table)
+        search = {"method": "ziplm", "target_speedup": target, "predicted_speedup": round(predicted, 4),
+                  "reachable_speedup": [round(low, 3), round(high, 3)], "search_iterations": settings.search_iterations,
+                  "evaluations": result.evaluations, "accepted": result.accepted,
+                  "score": result.score, "score_metric": ("top-%d KL" % settings.top_k) if scorer is not None and
+                  scorer.causal else "relative output error", "seed": settings.seed}
+        logger.info("ZipLM %gx: predicted %.3fx, score %s", target, predicted, result.score)
+        outcomes[target] = ZipLMOutcome(target, pruned, structure, levels, predicted, estimated, result.score, search)
+    return outcomes, database
+
+
+def _levels(items: list[Item], picked: list[int]) -> dict[int, dict[str, Any]]:
+    """Per layer: {"attention": [groups, q per group], "mlp": neurons kept} for the PruningConfig."""
+    out: dict[int, dict[str, Any]] = {}
+    for item, j in zip(items, picked):
+        key = item.keys[j]
+        out.setdefault(item.layer, {})[item.kind] = list(key) if isinstance(key, tuple) else key
+    return out

@@ -1,0 +1,291 @@
+"""ZipLM: structured OBS level database, the latency-constrained DP, stitching, and the Pruner entry point."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from zoo import FAMILIES, VOCAB
+
+from optimum_prune import get_adapter
+from optimum_prune.engine.layers import get_weight
+from optimum_prune.engine.obs import dampened_inverse
+from optimum_prune.engine.sequential import SequentialOptions
+from optimum_prune.modeling.adapters import get_module
+from optimum_prune.ziplm.database import _StructuredOBS, attention_levels, build_database, mlp_levels, refit
+from optimum_prune.ziplm.search import (Item, Stitcher, UnreachableTargetError, budget_for, dp_select, items_from,
+                                        predicted_ms)
+
+CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+OPTIONS = SequentialOptions(batch_size=4, progress=False, device="cpu")
+
+
+@dataclass
+class FakeTable:
+    """A latency table with times proportional to the units kept (enough for the search's arithmetic)."""
+
+    num_heads: int
+    intermediate: int
+    rest_ms: float = 1.0
+    per_head: float = 0.5
+    per_neuron: float = 0.05
+    num_layers: int = 4
+    mlp: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        step = max(1, self.intermediate // 6)
+        self.mlp = {n: self.mlp_ms(n) for n in sorted({0, *range(step, self.intermediate, step), self.intermediate})}
+
+    def attention_ms(self, groups: int, q: int) -> float:
+        return self.per_head * groups * q
+
+    def mlp_ms(self, neurons: int) -> float:
+        return self.per_neuron * neurons
+
+    @property
+    def dense_ms(self) -> float:
+        return self.rest_ms + self.num_layers * (self.attention_ms(self.num_heads, 1) + self.mlp_ms(self.intermediate))
+
+
+def outputs(model, ids=PROBE):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def random_problem(out=6, cols=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, cols, generator=g)
+    H = 2 * X.t() @ X / 200
+    W = torch.randn(out, cols, generator=g)
+    Hd, Hinv, _ = dampened_inverse(H, 0.01)
+    return W, Hd, Hinv
+
+
+# ------------------------------------------------------------------------------ structured OBS
+def test_greedy_losses_equal_the_closed_form_loss_of_the_removed_set():
+    W, Hd, Hinv = random_problem()
+    levels = mlp_levels(W, Hinv, kept_levels=[10, 7, 3])
+    for kept, level in levels.items():
+        S = torch.tensor(level.removed, dtype=torch.long)
+        assert len(S) == 12 - kept
+        if kept == 0:
+            continue
+        expected = 0.5 * torch.trace(W[:, S] @ torch.linalg.solve(Hinv[S][:, S], W[:, S].t())) if len(S) else 0.0
+        assert level.loss == pytest.approx(float(expected), rel=1e-3, abs=1e-6)
+
+
+def test_refit_equals_the_sequential_obs_updates():
+    W, Hd, Hinv = random_problem()
+    state = _StructuredOBS(W, Hinv)
+    for cols in ([3], [0, 7], [5]):
+        state.remove(torch.tensor(cols))
+    keep = torch.tensor([c for c in range(12) if c not in (3, 0, 7, 5)])
+    torch.testing.assert_close(refit(W, Hd, keep), state.W[:, keep], rtol=1e-3, atol=1e-4)
+
+
+def test_greedy_picks_the_least_loss_unit_first():
+    W, Hd, Hinv = random_problem()
+    W[:, 4] = 0  # removing input 4 costs nothing
+    levels = mlp_levels(W, Hinv, kept_levels=[11])
+    assert levels[11].removed == (4,) and levels[11].loss == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gqa_attention_levels_respect_the_grouping():
+    from optimum_prune.modeling.pruning_config import ModelDims
+
+    dims = ModelDims(num_layers=1, num_heads=6, num_kv_heads=2, head_dim=2, hidden_size=12, intermediate_size=8)
+    W, Hd, Hinv = random_problem(out=12, cols=12)
+    levels = attention_levels(W, Hinv, dims)
+    assert set(levels) == {(g, q) for g in (1, 2) for q in (1, 2, 3)} | {(0, 0)}
+    for (g, q), level in levels.items():
+        if (g, q) == (0, 0):
+            continue
+        kept = [h for h in range(6) if h not in level.removed]
+        per_group = [sum(1 for h in kept if h // 3 == grp) for grp in range(2)]
+        assert sorted(c for c in per_group if c) == [q] * g
+
+
+# ------------------------------------------------------------------------------ database + stitching
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2", "bert"])
+def test_removing_zero_loss_structures_leaves_outputs_unchanged(family):
+    model = FAMILIES[family].build()
+    adapter = get_adapter(model)
+    dims = adapter.dims(model.config)
+    block = adapter.layers(model)[1]
+    with torch.no_grad():
+        # one query head of every KV group and 8 neurons write nothing: removing them costs zero
+        o_proj = get_weight(get_module(block, adapter.attention_out))
+        Q = dims.heads_per_group
+        dead_heads = [g * Q for g in range(dims.num_kv_heads)] if Q > 1 else [1]
+        for h in dead_heads:
+            o_proj[:, h * dims.head_dim:(h + 1) * dims.head_dim] = 0
+        get_weight(get_module(block, adapter.mlp_out))[:, :8] = 0
+    expected = outputs(model)
+    table = FakeTable(dims.num_heads, dims.intermediate_size)
+    database = build_database(model, CALIB, mlp_kept=[dims.intermediate_size - 8], options=OPTIONS)
+    heads_kept = (dims.num_kv_heads, dims.heads_per_group - 1) if dims.heads_per_group > 1 else (dims.num_heads - 1, 1)
+    attention = database.layers[1].attention.levels[heads_kept]
+    mlp = database.layers[1].mlp.levels[dims.intermediate_size - 8]
+    assert list(attention.removed) == dead_heads
+    assert attention.loss == pytest.approx(0.0, abs=1e-6) and mlp.loss == pytest.approx(0.0, abs=1e-6)
+    assert mlp.removed == tuple(range(8))
+    items = items_from(database, table)
+    picked = []
+    for item in items:
+        wanted = {"attention": heads_kept, "mlp": dims.intermediate_size - 8}[item.kind] if item.layer == 1 else \
+            max(item.keys, key=lambda k: k if isinstance(k, tuple) else (k,))
+        picked.append(item.keys.index(wanted))
+    pruned = Stitcher(model, database).build(items, picked)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(outputs(pruned), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs(model), expected)  # the dense model is left alone
+
+
+def test_whole_sublayer_goes_with_its_last_unit():
+    model = FAMILIES["llama-gqa"].build()
+    database = build_database(model, CALIB, mlp_kept=[24], options=OPTIONS)
+    dims = get_adapter(model).dims(model.config)
+    table = FakeTable(dims.num_heads, dims.intermediate_size)
+    items = items_from(database, table)
+    picked = [item.keys.index((0, 0) if item.kind == "attention" and item.layer == 2 else
+                              0 if item.kind == "mlp" and item.layer == 3 else
+                              max(item.keys, key=lambda k: k if isinstance(k, tuple) else (k,))) for item in items]
+    stitcher = Stitcher(model, database)
+    structure = stitcher.structure(items, picked)
+    assert structure.drop_attention == [2] and structure.drop_mlp == [3]
+    pruned = stitcher.build(items, picked)
+    assert torch.isfinite(outputs(pruned)).all()
+
+
+# ------------------------------------------------------------------------------ DP
+def brute_force(items: list[Item], budget: float) -> float:
+    best = math.inf
+    for choice in itertools.product(*[range(len(i.keys)) for i in items]):
+        cost = sum(i.costs[j] for i, j in zip(items, choice))
+        if cost <= budget:
+            best = min(best, sum(i.losses[j] for i, j in zip(items, choice)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_never_exceeds_the_budget_and_is_near_optimal(seed):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for layer in range(4):
+        n = 4
+        costs = sorted(torch.rand(n, generator=g).tolist())
+        costs[0] = 0.0
+        losses = sorted(torch.rand(n, generator=g).tolist(), reverse=True)
+        items.append(Item(layer, "mlp", tuple(range(n)), tuple(costs), tuple(losses)))
+    total = sum(max(i.costs) for i in items)
+    budget = float(torch.rand(1, generator=g)) * total
+    picked = dp_select(items, budget, resolution=4000)
+    assert sum(i.costs[j] for i, j in zip(items, picked)) <= budget + 1e-12
+    got = sum(i.losses[j] for i, j in zip(items, picked))
+    assert got <= brute_force(items, budget * (1 - 2e-3)) + 1e-9  # optimal up to the time grid
+
+
+def test_unreachable_target_names_the_reachable_range():
+    items = [Item(0, "mlp", (0, 10), (0.0, 4.0), (1.0, 0.0))]
+
+    @dataclass
+    class Table:
+        rest_ms: float = 1.0
+        dense_ms: float = 5.0
+
+    table = Table()
+    assert budget_for(2.0, items, table) == pytest.approx(1.5)
+    with pytest.raises(UnreachableTargetError, match=r"1\.00x to 5\.00x"):
+        budget_for(6.0, items, table)
+    with pytest.raises(UnreachableTargetError, match="reachable"):
+        budget_for(0.5, items, table)
+    assert predicted_ms(items, [1], table) == 5.0
+
+
+# ------------------------------------------------------------------------------ Pruner entry point
+def proportional_table(model, rest_ms: float = 2.0):
+    """A deterministic LatencyTable (times proportional to the units kept) for the model's shapes."""
+    from optimum_prune.ziplm.latency import InferenceEnvironment, LatencyTable, model_signature
+
+    dims = get_adapter(model).dims(model.config)
+    attention = {(g, q): 0.25 * g * q for g in range(1, dims.num_kv_heads + 1) for q in range(1, dims.heads_per_group + 1)}
+    grid = sorted({dims.intermediate_size, *range(8, dims.intermediate_size, 8)})
+    mlp = {n: 0.02 * n for n in grid}
+    per_layer = attention[(dims.num_kv_heads, dims.heads_per_group)] + mlp[dims.intermediate_size]
+    return LatencyTable(environment=InferenceEnvironment(seq_len=16), model=model_signature(model), attention=attention,
+                        mlp=mlp, rest_ms=rest_ms, dense_ms=rest_ms + dims.num_layers * per_layer,
+                        num_layers=dims.num_layers)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
+def test_family_meets_predicted_targets_and_reloads_with_identical_logits(family, tmp_path):
+    import transformers
+
+    from optimum_prune import Pruner
+
+    model = FAMILIES[family].build()
+    dense_logits = outputs(model)
+    pruner = Pruner(model)
+    table = proportional_table(model)
+    family_models = pruner.prune(target_speedup=[1.25, 2.0], latency_table=table, calibration=CALIB, batch_size=4,
+                                 search_iterations=4, search_samples=4, progress=False)
+    assert sorted(family_models) == [1.25, 2.0]
+    torch.testing.assert_close(outputs(pruner.model), dense_logits)  # a list of targets leaves the Pruner dense
+    sizes = []
+    for target, member in family_models.items():
+        config = member.pruning_config
+        assert config.method == "ziplm" and config.target_speedup == target
+        assert config.search["predicted_speedup"] >= target * (1 - 1e-9)  # the DP never exceeds the budget
+        assert config.measured_speedup is not None and config.measured_speedup > 0
+        assert config.latency_environment["seq_len"] == 16
+        sizes.append(sum(p.numel() for p in member.model.parameters()))
+    assert sizes[1] < sizes[0]
+    saved = family_models.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, FAMILIES[family].auto_class).from_pretrained(saved[2.0]).eval()
+    torch.testing.assert_close(outputs(reloaded), outputs(family_models[2.0].model), rtol=1e-5, atol=1e-5)
+    card = (tmp_path / "2x" / "README.md").read_text()
+    assert "target speedup" in card and "measured speedup" in card
+
+
+def test_single_target_prunes_the_pruner_model_and_reuses_the_database():
+    from optimum_prune import Pruner
+
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    dense = Pruner(model)
+    family = dense.prune(target_speedup=[1.5], latency_table=table, calibration=CALIB, search_iterations=0,
+                         measure_speedup=False, progress=False)
+    database = dense.ziplm_database
+    again = dense.prune(target_speedup=[1.5], latency_table=table, calibration=CALIB, search_iterations=0,
+                        measure_speedup=False, progress=False)
+    assert dense.ziplm_database is database  # same calibration and grid: no second pass
+    assert again[1.5].pruning_config.remove_heads == family[1.5].pruning_config.remove_heads
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruned = pruner.prune(target_speedup=1.5, latency_table=table, calibration=CALIB, search_iterations=0,
+                          measure_speedup=False, progress=False)
+    assert pruned is pruner.model and pruner.pruning_config.method == "ziplm"
+    assert pruner.pruning_config.measured_speedup is None
+
+
+def test_bad_targets_fail_with_the_fix_before_any_calibration(monkeypatch):
+    from optimum_prune import Pruner
+    from optimum_prune.session import CompressionSession
+
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    pruner = Pruner(model)
+    monkeypatch.setattr(CompressionSession, "calibration_data",
+                        lambda *a, **k: pytest.fail("calibration must not run for an impossible target"))
+    with pytest.raises(UnreachableTargetError, match=r"1\.00x to [0-9.]+x"):
+        pruner.prune(target_speedup=[1.5, 1000.0], latency_table=table, calibration=CALIB)
+    with pytest.raises(ValueError, match="positive"):
+        pruner.prune(target_speedup=-1, latency_table=table)
+    with pytest.raises(ValueError, match="sparsity"):
+        pruner.prune(target_speedup=1.5, sparsity=0.5, latency_table=table)
+    with pytest.raises(ValueError, match="measured for"):
+        pruner.prune(target_speedup=1.5, latency_table=proportional_table(FAMILIES["opt"].build()))
