@@ -50,9 +50,25 @@ def _build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
     apply.add_argument("--no-verify", action="store_true", help="skip reloading the output and comparing logits")
 
-    prune = sub.add_parser("prune", help="sparsify with SparseGPT / Wanda / magnitude (optionally scheduled per layer)")
+    prune = sub.add_parser("prune", help="ZipLM to measured target speedups, or sparsify with SparseGPT / Wanda / "
+                                         "magnitude (optionally scheduled per layer)")
     _model_args(prune)
-    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--method", choices=["ziplm", "sparsegpt", "wanda", "magnitude"],
+                       help="default: ziplm with --target-speedup, else sparsegpt")
+    prune.add_argument("--target-speedup", type=float, nargs="+", metavar="X",
+                       help="ZipLM: one or more speedups (e.g. 1.5 2 3); several targets write OUTPUT/<target>x")
+    prune.add_argument("--latency-table", help="ZipLM: a table saved by `optimum-prune latency` (else measured "
+                                               "here for --latency-* and cached)")
+    prune.add_argument("--latency-batch-size", type=int, default=1)
+    prune.add_argument("--latency-seq-len", type=int, default=512)
+    prune.add_argument("--latency-mode", choices=["prefill", "decode"], default="prefill")
+    prune.add_argument("--threads", type=int, help="ZipLM: CPU threads of the inference environment")
+    prune.add_argument("--search-iterations", type=int, default=30, help="ZipLM: randomized refinement steps")
+    prune.add_argument("--finetune-data", help="gradual ZipLM: text file or dataset name to fine-tune on between "
+                                               "pruning steps (token-level distillation from the dense model)")
+    prune.add_argument("--finetune-steps", type=int, default=100, help="gradual ZipLM: optimizer steps per stage")
+    prune.add_argument("--stages", type=int, default=3, help="gradual ZipLM: pruning steps up to a single target")
+    prune.add_argument("--learning-rate", type=float, default=5e-5, help="gradual ZipLM: fine-tuning learning rate")
     prune.add_argument("--sparsity", type=_per_layer(float), help="fraction, or per layer: '0:0.5,1:0.7'")
     prune.add_argument("--n-m", help="N:M semi-structured sparsity, e.g. 2:4")
     prune.add_argument("--schedule", default="uniform", choices=["uniform", "hessian-kmeans", "owl"],
@@ -147,13 +163,45 @@ def _finish(session, args: argparse.Namespace, start: float) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from . import Pruner
 
-    if args.sparsity is None and not args.n_m:
-        print("error: give --sparsity (e.g. 0.5) or --n-m (e.g. 2:4)", file=sys.stderr)
+    ziplm = args.method == "ziplm" or (args.method is None and args.target_speedup)
+    if not ziplm and args.sparsity is None and not args.n_m:
+        print("error: give --sparsity (e.g. 0.5) or --n-m (e.g. 2:4) to sparsify, or --target-speedup (e.g. 1.5 2) "
+              "for ZipLM", file=sys.stderr)
         return 2
     start = time.perf_counter()
     pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
-    pruner.prune(args.method, sparsity=args.sparsity, n_m=args.n_m, schedule=args.schedule, **_run_options(args))
-    return _finish(pruner, args, start)
+    if not ziplm:
+        pruner.prune(args.method, sparsity=args.sparsity, n_m=args.n_m, schedule=args.schedule, **_run_options(args))
+        return _finish(pruner, args, start)
+    if not args.target_speedup:
+        print("error: ZipLM needs --target-speedup (e.g. 1.5, or several: 1.25 1.5 2)", file=sys.stderr)
+        return 2
+    latency = dict(batch_size=args.latency_batch_size, seq_len=args.latency_seq_len, mode=args.latency_mode,
+                   threads=args.threads)
+    targets = args.target_speedup[0] if len(args.target_speedup) == 1 else args.target_speedup
+    finetune = None
+    if args.finetune_data:
+        finetune = dict(train_dataset=args.finetune_data, max_steps=args.finetune_steps, stages=args.stages,
+                        learning_rate=args.learning_rate)
+    family = pruner.prune("ziplm", target_speedup=targets, latency=latency, finetune=finetune,
+                          latency_table=args.latency_table, search_iterations=args.search_iterations,
+                          sparsity=args.sparsity, n_m=args.n_m, **_run_options(args))
+    if len(args.target_speedup) == 1:  # one target: the Pruner holds the pruned model
+        return _finish(pruner, args, start)
+    print(family.to_markdown())
+    if args.eval_text:
+        from .evaluation import perplexity
+
+        for target, member in family.items():
+            ppl = perplexity(member.model, member.tokenizer, args.eval_text, progress=False).perplexity
+            print(f"{target:g}x: perplexity on {args.eval_text}: {ppl:.3f}")
+    paths = family.save_pretrained(args.output)
+    print("saved " + ", ".join(str(p) for p in paths.values()) + f" ({time.perf_counter() - start:.1f} s)")
+    if args.push_to_hub:
+        for target, member in family.items():
+            info = member.push_to_hub(f"{args.push_to_hub}-{target:g}x")
+            print(f"pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
+    return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .card import build_model_card
+from .calibration import load_calibration
 from .engine.compress import CompressionPlan, compress_model, uniform
 from .engine.obs import METHODS, PruneSpec
 from .engine.schedule import SCHEDULES, build_schedule
@@ -23,6 +24,7 @@ from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
 from .ziplm.family import ZipLMFamily
 from .ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_model_ms, model_signature
+from .ziplm.gradual import FinetuneSettings, run_gradual
 from .ziplm.method import ZipLMSettings, run_ziplm
 from .ziplm.search import check_targets
 
@@ -54,6 +56,7 @@ class Pruner(CompressionSession):
         search_iterations: int = 30,
         search_samples: int = 8,
         measure_speedup: bool = True,
+        finetune: dict[str, Any] | None = None,
         schedule: str = "uniform",
         schedule_options: dict[str, Any] | None = None,
         calibration: Any = None,
@@ -74,7 +77,10 @@ class Pruner(CompressionSession):
         model staying dense. Speedups refer to a latency table measured in ``latency`` (an
         ``InferenceEnvironment`` or its fields as a dict; default: this device and dtype, batch 1 x 512
         tokens, prefill), cached and reused; or pass ``latency_table`` (a table or its JSON file). The
-        achieved speedup is measured after pruning (``measure_speedup``) and recorded.
+        achieved speedup is measured after pruning (``measure_speedup``) and recorded. ``finetune``
+        switches to gradual ZipLM: pruning steps alternate with fine-tuning by token-level distillation
+        from the dense model (transformers Trainer): ``dict(train_dataset=<text file, strings, Dataset
+        or token ids>, max_steps=100, stages=3, alpha=1.0, learning_rate=..., num_samples=..., ...)``.
 
         ``sparsity`` is one fraction or {original layer index: fraction}; ``n_m="2:4"`` asks for N:M
         semi-structured masks instead. ``schedule`` ("uniform", "hessian-kmeans", "owl") spreads one
@@ -94,7 +100,10 @@ class Pruner(CompressionSession):
             return self._ziplm(target_speedup, options, latency=latency, latency_table=latency_table,
                                settings=ZipLMSettings(search_iterations=search_iterations,
                                                       search_samples=search_samples, dampening=dampening, seed=seed),
-                               measure=measure_speedup)
+                               measure=measure_speedup, finetune=finetune)
+        if finetune is not None:
+            raise ValueError("finetune= is gradual ZipLM's (pruning steps alternating with fine-tuning); "
+                             "it needs target_speedup")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of ziplm, {', '.join(METHODS)}")
         if target_speedup is not None:
@@ -133,7 +142,8 @@ class Pruner(CompressionSession):
         return self.model
 
     def _ziplm(self, target_speedup: float | list[float], options: RunOptions, *, latency, latency_table,
-               settings: ZipLMSettings, measure: bool) -> PreTrainedModel | ZipLMFamily:
+               settings: ZipLMSettings, measure: bool, finetune: dict[str, Any] | None = None
+               ) -> PreTrainedModel | ZipLMFamily:
         """ZipLM on this Pruner's (dense) model: one database, one search per target, measured speedups."""
         single = isinstance(target_speedup, (int, float))
         targets = [float(target_speedup)] if single else [float(t) for t in target_speedup]
@@ -142,15 +152,21 @@ class Pruner(CompressionSession):
         start = time.perf_counter()
         table = self._latency_table(latency, latency_table, options)
         check_targets(targets, table)
+        tuning = self._finetune_settings(finetune, options) if finetune is not None else None
         ids, calib_info = self.calibration_data(options)
-        key = (tuple(sorted(table.mlp)), settings.dampening)
-        reuse = None
-        if self._ziplm_key is not None and self._ziplm_key[0] is ids and self._ziplm_key[1] == key:
-            reuse = self.ziplm_database
-        outcomes, database = run_ziplm(self.model, ids, targets, table, settings=settings,
-                                       options=options.sequential("ZipLM"), database=reuse)
-        self.ziplm_database = database
-        self._ziplm_key = (ids, key)
+        if tuning is not None:
+            outcomes = run_gradual(self.model, ids, targets, table, tuning, settings=settings,
+                                   options=options.sequential("ZipLM"))
+            database = None
+        else:
+            key = (tuple(sorted(table.mlp)), settings.dampening)
+            reuse = None
+            if self._ziplm_key is not None and self._ziplm_key[0] is ids and self._ziplm_key[1] == key:
+                reuse = self.ziplm_database
+            outcomes, database = run_ziplm(self.model, ids, targets, table, settings=settings,
+                                           options=options.sequential("ZipLM"), database=reuse)
+            self.ziplm_database = database
+            self._ziplm_key = (ids, key)
         env = table.environment
         dense_ms = measure_model_ms(self.model, env) if measure else None
         family = ZipLMFamily()
@@ -162,9 +178,9 @@ class Pruner(CompressionSession):
             measured = round(dense_ms / pruned_ms, 4) if measure else None
             metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
                        "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
-                       "level_database_mib": round(database.nbytes() / 2**20, 2),
+                       "level_database_mib": round(database.nbytes() / 2**20, 2) if database else None,
                        "compression_seconds": round(time.perf_counter() - start, 2)}
-            member._record(method="ziplm", target_speedup=target, measured_speedup=measured,
+            member._record(method=outcome.search.get("method", "ziplm"), target_speedup=target, measured_speedup=measured,
                            latency_environment=env.to_dict(), calibration=calib_info, metrics=metrics,
                            search={**outcome.search, "levels": {str(k): v for k, v in outcome.levels.items()}})
             if measured is not None:
@@ -174,6 +190,22 @@ class Pruner(CompressionSession):
             self.model = family[targets[0]].model
             return self.model
         return family
+
+    def _finetune_settings(self, finetune: dict[str, Any], options: RunOptions) -> FinetuneSettings:
+        """Gradual mode's settings; the training windows are read like calibration data (same tokenizer)."""
+        args = dict(finetune)
+        if "train_dataset" not in args:
+            raise ValueError("gradual ZipLM fine-tunes between pruning steps: pass finetune=dict(train_dataset=..., "
+                             "max_steps=...) with a text file, strings, a datasets.Dataset or token ids")
+        source = args.pop("train_dataset")
+        names = {"max_steps", "stages", "alpha", "temperature"}
+        known = {k: args.pop(k) for k in list(args) if k in names}
+        batch = args.get("per_device_train_batch_size", 4)
+        num_samples = args.pop("num_samples", None) or known.get("max_steps", 100) * batch
+        seq_len = args.pop("seq_len", options.seq_len)
+        train_ids, _ = load_calibration(source, self.tokenizer, num_samples=num_samples, seq_len=seq_len,
+                                        seed=options.seed + 1, model=self.model)
+        return FinetuneSettings(train_ids=train_ids, training_args=args, **known)
 
     def _latency_table(self, latency, latency_table, options: RunOptions) -> LatencyTable:
         if latency_table is not None:

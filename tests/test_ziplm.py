@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from zoo import FAMILIES, VOCAB
+from zoo import FAMILIES, TEXT, VOCAB, char_tokenizer
 
 from optimum_prune import get_adapter
 from optimum_prune.engine.layers import get_weight
@@ -289,3 +289,100 @@ def test_bad_targets_fail_with_the_fix_before_any_calibration(monkeypatch):
         pruner.prune(target_speedup=1.5, sparsity=0.5, latency_table=table)
     with pytest.raises(ValueError, match="measured for"):
         pruner.prune(target_speedup=1.5, latency_table=proportional_table(FAMILIES["opt"].build()))
+
+
+def test_cli_prunes_a_family_to_target_speedups(tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from optimum_prune.cli import main
+
+    model = FAMILIES["llama-gqa"].build()
+    model.save_pretrained(tmp_path / "dense")
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    proportional_table(model).save(tmp_path / "table.json")
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    common = ["--model", str(tmp_path / "dense"), "--latency-table", str(tmp_path / "table.json"),
+              "--search-iterations", "2", "--num-samples", "8", "--seq-len", "32",
+              "--calibration", str(tmp_path / "text.txt")]
+    assert main(["prune", "--target-speedup", "1.25", "2", "--output", str(tmp_path / "family"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "| 2x |" in out and "saved" in out
+    for target in ("1.25x", "2x"):
+        config = json.loads((tmp_path / "family" / target / "config.json").read_text())["pruning_config"]
+        assert config["method"] == "ziplm" and config["measured_speedup"] > 0
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "family" / target)
+    assert main(["prune", "--target-speedup", "1.5", "--output", str(tmp_path / "one"), *common]) == 0
+    config = json.loads((tmp_path / "one" / "config.json").read_text())["pruning_config"]
+    assert config["target_speedup"] == 1.5 and config["remove_neurons"]
+    assert main(["prune", "--target-speedup", "50", "--output", str(tmp_path / "x"), *common]) == 2
+    assert "reachable" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ gradual mode
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
+def test_masking_a_structure_equals_removing_it(family):
+    from zoo import STRUCTURES
+
+    from optimum_prune.distill import apply_masks
+    from optimum_prune.modeling.pruning_config import PruningConfig
+    from optimum_prune.modeling.surgery import apply_structure
+    from optimum_prune.ziplm.masking import structure_masks
+
+    structure = PruningConfig(remove_heads={0: [0, 1], 2: [1, 3]}, remove_neurons={1: [0, 5, 7]}, drop_attention=[3],
+                              drop_mlp=[2])
+    model = FAMILIES[family].build()
+    masked = FAMILIES[family].build()
+    apply_masks(structure_masks(masked, structure))
+    apply_structure(model, structure)
+    torch.testing.assert_close(outputs(masked), outputs(model), rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_finetune_keeps_masks_and_moves_towards_the_teacher():
+    import copy
+
+    from optimum_prune.distill import apply_masks, finetune
+    from optimum_prune.evaluation import kl_divergence
+    from optimum_prune.modeling.pruning_config import PruningConfig
+    from optimum_prune.ziplm.masking import structure_masks
+
+    teacher = FAMILIES["llama-gqa"].build()
+    student = copy.deepcopy(teacher)
+    masks = structure_masks(student, PruningConfig(remove_neurons={0: list(range(24))}, remove_heads={1: [0, 1]}))
+    apply_masks(masks)
+    before = kl_divergence(student, teacher, CALIB, progress=False)
+    metrics = finetune(student, CALIB, teacher=teacher, masks=masks, max_steps=30, learning_rate=3e-3,
+                       per_device_train_batch_size=4, disable_tqdm=True)
+    after = kl_divergence(student, teacher, CALIB, progress=False)
+    assert math.isfinite(metrics["train_loss"]) and after < before
+    for param, keep in masks:
+        assert torch.all(param[~keep] == 0)
+
+
+def test_gradual_ziplm_removes_more_at_every_step_and_reloads(tmp_path):
+    import transformers
+
+    from optimum_prune import Pruner
+
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    train = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(5))
+    pruner = Pruner(model)
+    pruned = pruner.prune(target_speedup=1.8, latency_table=table, calibration=CALIB, search_iterations=2,
+                          search_samples=4, progress=False,
+                          finetune=dict(train_dataset=train, max_steps=2, stages=2, learning_rate=1e-3,
+                                        disable_tqdm=True))
+    config = pruner.pruning_config
+    assert config.method == "ziplm-gradual" and len(config.search["stages"]) == 2
+    first, last = config.search["stages"]
+    assert first["stage_speedup"] < last["stage_speedup"] == pytest.approx(1.8)
+    assert last["predicted_speedup"] >= 1.8 * (1 - 1e-9)
+    assert all(math.isfinite(s["train_loss"]) for s in (first, last))
+    assert all(last["removed"][k] >= first["removed"][k] for k in ("heads", "neurons"))
+    assert sum(last["removed"].values()) > sum(first["removed"].values())
+    pruner.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded), outputs(pruned), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="train_dataset"):
+        Pruner(FAMILIES["llama-gqa"].build()).prune(target_speedup=1.5, latency_table=table, finetune=dict(max_steps=1))

@@ -22,7 +22,9 @@ from ..engine.layers import get_weight, set_weight
 from ..modeling.adapters import get_adapter, get_module
 from ..modeling.pruning_config import PruningConfig
 from ..modeling.surgery import apply_structure
+from ..distill import apply_masks
 from .database import LevelDatabase, SublayerDatabase, refit
+from .masking import structure_masks
 
 
 class UnreachableTargetError(ValueError):
@@ -165,8 +167,11 @@ class Stitcher:
             self._cache.popitem(last=False)
         return fitted
 
-    def build(self, items: list[Item], picked: list[int]) -> nn.Module:
-        """A pruned copy of the dense model: corrected output projections, then the structures removed."""
+    def build(self, items: list[Item], picked: list[int], physical: bool = True) -> nn.Module:
+        """A pruned copy of the model: corrected output projections, then the structures removed.
+
+        ``physical=False`` keeps the dense shapes and zeroes what is removed instead (gradual mode).
+        """
         model = copy.deepcopy(self.dense)
         layers = self.adapter.layers(model)
         dense_layers = self.adapter.layers(self.dense)
@@ -179,7 +184,10 @@ class Stitcher:
                 dense_weight = get_weight(get_module(dense_layers[item.layer], path))
                 fitted = self._refit(item, key, dense_weight)
                 set_weight(get_module(layers[item.layer], path), fitted.to(dense_weight.dtype))
-        apply_structure(model, self.structure(items, picked))
+        if physical:
+            apply_structure(model, self.structure(items, picked))
+        else:
+            apply_masks(structure_masks(model, self.structure(items, picked)))
         return model
 
 
