@@ -22,7 +22,7 @@ from ..engine.sequential import SequentialOptions
 from ..modeling.surgery import apply_structure
 from .masking import structure_masks
 from .database import build_database
-from .method import ZipLMOutcome, ZipLMSettings, _levels, _Scorer
+from .method import CalibrationScorer, ZipLMOutcome, ZipLMSettings, _levels
 from .search import Item, Stitcher, budget_for, check_targets, items_from, predicted_ms, refine
 
 logger = logging.get_logger(__name__)
@@ -77,7 +77,8 @@ def run_gradual(model: nn.Module, input_ids: torch.Tensor, targets: list[float],
     student = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(settings.seed)
     score_ids = input_ids[torch.randperm(input_ids.shape[0], generator=generator)[: settings.search_samples]]
-    scorer = _Scorer(model, score_ids, settings.top_k, options.batch_size) if settings.search_iterations else None
+    scorer = (CalibrationScorer(model, score_ids, settings.top_k, options.batch_size)
+              if settings.search_iterations else None)
     previous: dict[tuple[int, str], set[int]] = {}
     outcomes: dict[float, ZipLMOutcome] = {}
     history = []

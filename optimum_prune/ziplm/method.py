@@ -55,7 +55,7 @@ class ZipLMOutcome:
     search: dict[str, Any] = field(default_factory=dict)
 
 
-class _Scorer:
+class CalibrationScorer:
     """Calibration score of a candidate: Top-K KL to the dense model (LMs) or relative output error (encoders)."""
 
     def __init__(self, dense: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int) -> None:
@@ -102,7 +102,8 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
     stitcher = Stitcher(model, database)
     generator = torch.Generator().manual_seed(settings.seed)
     score_ids = input_ids[torch.randperm(input_ids.shape[0], generator=generator)[: settings.search_samples]]
-    scorer = _Scorer(model, score_ids, settings.top_k, options.batch_size) if settings.search_iterations else None
+    scorer = (CalibrationScorer(model, score_ids, settings.top_k, options.batch_size)
+              if settings.search_iterations else None)
     outcomes: dict[float, ZipLMOutcome] = {}
     for target in targets:
         budget = budget_for(target, items, table)

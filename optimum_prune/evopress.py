@@ -1,0 +1,268 @@
+"""EvoPress (arXiv 2410.14649): evolutionary search of per-unit compression levels on the real model.
+
+One engine for every search space: a state holds one level per unit; offspring come from
+level-switch mutations that keep the budget exact (1-3 swaps, min of two uniform draws); selection
+is multi-step (offspring scored on a few tokens, survivors re-scored on more, the parent re-entering
+at the last step, so the search never gets worse); fitness is KL(dense ‖ candidate) on calibration
+tokens (Top-K KL bounds memory; relative output error for encoders). The search state is written to
+disk after every generation, RNG included, so an interrupted search resumes to the same result.
+
+Search spaces here: depth (attention and MLP sublayers dropped independently, or whole blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from .engine.importance import angular_distance, block_influence
+from .engine.layers import original_layer_indices
+from .engine.sequential import fingerprint
+from .modeling.adapters import get_adapter, get_module, set_module
+from .modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjection, out_features
+from .ziplm.method import CalibrationScorer
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class EvoPressSettings:
+    """Search settings; ``None`` fields are scaled from the paper's to the problem (see ``resolved``)."""
+
+    generations: int | None = None
+    offspring: int | None = None
+    survivors: list[int] | None = None
+    """Candidates kept after each selection step but the last (the last keeps one)."""
+    windows: list[int] | None = None
+    """Calibration windows scored at each selection step (growing); the parent re-enters at the last."""
+    max_swaps: int = 3
+    top_k: int = 100
+    seed: int = 0
+    state_file: str | os.PathLike | None = None
+    """Search state (JSON, rewritten every generation): an interrupted search resumes from it."""
+
+    def resolved(self, kept: int, dropped: int, available_windows: int) -> "EvoPressSettings":
+        """Defaults: the paper's depth settings (k(n−k)/1.5 generations × 32 offspring, survivors 2→1 on
+        growing tokens) cut to what a CPU run affords: at most 200 generations and 16 offspring."""
+        generations = self.generations if self.generations is not None else \
+            int(min(200, max(10, kept * dropped / 1.5)))
+        offspring = self.offspring if self.offspring is not None else 16
+        windows = self.windows or [max(1, available_windows // 8), max(1, available_windows // 2), available_windows]
+        windows = [min(w, available_windows) for w in windows]
+        survivors = self.survivors or [max(2, offspring // 4), 2][: len(windows) - 1]
+        if len(survivors) != len(windows) - 1:
+            raise ValueError(f"need one survivors count per selection step but the last: {len(windows) - 1} "
+                             f"for windows={windows}, got {survivors}")
+        return EvoPressSettings(generations, offspring, list(survivors), list(windows), self.max_swaps, self.top_k,
+                                self.seed, self.state_file)
+
+
+# --------------------------------------------------------------------------- the evolutionary engine
+@dataclass
+class SearchResult:
+    state: list[int]
+    fitness: float
+    generations: int
+    evaluations: int
+    history: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def swap_mutation(state: list[int], groups: list[list[int]], generator: torch.Generator, max_swaps: int) -> list[int]:
+    """Level-switch for binary states: swap a dropped (1) and a kept (0) unit within one group, 1-3 times.
+
+    Every group keeps its number of dropped units, so the budget stays exact.
+    """
+    child = list(state)
+    touched: set[int] = set()  # a unit moves at most once, so swaps never undo each other
+    draws = torch.randint(1, max_swaps + 1, (2,), generator=generator)
+    for _ in range(int(draws.min())):
+        free = [[u for u in g if u not in touched] for g in groups]
+        usable = [g for g in free if any(child[u] for u in g) and not all(child[u] for u in g)]
+        if not usable:
+            break
+        group = usable[int(torch.randint(len(usable), (1,), generator=generator))]
+        ones = [u for u in group if child[u]]
+        zeros = [u for u in group if not child[u]]
+        a = ones[int(torch.randint(len(ones), (1,), generator=generator))]
+        b = zeros[int(torch.randint(len(zeros), (1,), generator=generator))]
+        child[a], child[b] = 0, 1
+        touched.update((a, b))
+    return child
+
+
+def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], list[int]],
+           fitness: Callable[[list[int], int], float], settings: EvoPressSettings, *, run_key: str,
+           progress: bool = True, description: str = "EvoPress") -> SearchResult:
+    """(1+λ) evolution with multi-step selection; ``fitness(state, step)`` scores on step's windows (lower is better)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    parent, parent_fit, start, evaluations, history = list(initial), None, 0, 0, []
+    state_path = Path(settings.state_file) if settings.state_file else None
+    if state_path is not None and state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        if saved.get("run") == run_key:
+            parent, parent_fit, start = saved["parent"], saved["fitness"], saved["generation"]
+            evaluations, history = saved["evaluations"], saved["history"]
+            generator.set_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+            logger.warning("EvoPress resumes from %s at generation %d", state_path, start)
+        else:
+            logger.warning("%s holds the state of a different search: starting over", state_path)
+    last = len(settings.windows) - 1
+    if parent_fit is None:
+        parent_fit = fitness(parent, last)
+        evaluations += 1
+    bar = tqdm(total=settings.generations, initial=start, desc=description, disable=not progress, unit="gen")
+    for generation in range(start, settings.generations):
+        candidates = [mutate(parent, generator) for _ in range(settings.offspring)]
+        for step in range(len(settings.windows)):
+            scored = [(fitness(c, step), c) for c in candidates]
+            evaluations += len(scored)
+            if step < last:
+                scored.sort(key=lambda t: t[0])
+                candidates = [c for _, c in scored[: settings.survivors[step]]]
+        best_fit, best = min(scored, key=lambda t: t[0])
+        if best_fit < parent_fit:  # the parent re-enters at the last step: elitist
+            parent, parent_fit = best, best_fit
+        history.append(parent_fit)
+        bar.update(1)
+        bar.set_postfix(fitness=f"{parent_fit:.4g}")
+        if state_path is not None:
+            _save_state(state_path, {"run": run_key, "generation": generation + 1, "parent": parent,
+                                     "fitness": parent_fit, "evaluations": evaluations, "history": history,
+                                     "rng": generator.get_state().tolist()})
+    bar.close()
+    return SearchResult(parent, parent_fit, settings.generations, evaluations, history, start)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- depth search space
+@contextlib.contextmanager
+def dropped_sublayers(model: nn.Module, attention: set[int], mlp: set[int]) -> Iterator[nn.Module]:
+    """Temporarily remove the attention / MLP sublayers of the given block positions (restored on exit).
+
+    The same replacements as ``apply_structure`` uses, so a candidate scores exactly as it will run.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    saved: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for position in attention:
+            block = layers[position]
+            core = adapter.attention_core(block)
+            out_inside = adapter.attention_out.startswith(adapter.attention + ".")
+            hidden = out_features(get_module(block, adapter.attention_out))
+            saved.append((block, adapter.attention, core))
+            set_module(block, adapter.attention, DroppedAttention(getattr(core, "layer_idx", None),
+                                                                  hidden if out_inside else 0))
+            if not out_inside:
+                saved.append((block, adapter.attention_out, get_module(block, adapter.attention_out)))
+                set_module(block, adapter.attention_out, ZeroProjection(hidden))
+        for position in mlp:
+            block = layers[position]
+            hidden = out_features(get_module(block, adapter.mlp_out))
+            for path in adapter.mlp_in:
+                saved.append((block, path, get_module(block, path)))
+                set_module(block, path, EmptyProjection())
+            saved.append((block, adapter.mlp_out, get_module(block, adapter.mlp_out)))
+            set_module(block, adapter.mlp_out, ZeroProjection(hidden))
+        yield model
+    finally:
+        for block, path, module in reversed(saved):
+            set_module(block, path, module)
+
+
+@dataclass
+class DepthSearchResult:
+    """What to drop (original indices) and how the search went."""
+
+    drop_layers: list[int]
+    drop_attention: list[int]
+    drop_mlp: list[int]
+    info: dict[str, Any]
+
+
+def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int | None = None,
+                 drop_ratio: float | None = None, sublayers: bool = False,
+                 settings: EvoPressSettings | None = None, batch_size: int = 4, progress: bool = True
+                 ) -> DepthSearchResult:
+    """EvoPress depth search: which ``num_blocks`` blocks (or, with ``sublayers``, that many attention AND
+    that many MLP sublayers, chosen independently) to drop, minimizing KL to the dense model.
+
+    The search starts from the best (by fitness) of the fixed strategies: last blocks, smallest
+    angular distance window, lowest block influence.
+    """
+    settings = settings or EvoPressSettings()
+    originals = original_layer_indices(model)
+    depth = len(originals)
+    if (num_blocks is None) == (drop_ratio is None):
+        raise ValueError("give exactly one of num_blocks (e.g. 6) and drop_ratio (e.g. 0.25)")
+    n = num_blocks if num_blocks is not None else round(drop_ratio * depth)
+    if not 1 <= n < depth:
+        raise ValueError(f"can drop 1 to {depth - 1} of the model's {depth} blocks, got {n}")
+    s = settings.resolved(kept=(2 if sublayers else 1) * (depth - n), dropped=(2 if sublayers else 1) * n,
+                          available_windows=input_ids.shape[0])
+    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    units = 2 * depth if sublayers else depth
+
+    def sets(state: list[int]) -> tuple[set[int], set[int]]:
+        if sublayers:
+            return ({p for p in range(depth) if state[p]}, {p for p in range(depth) if state[depth + p]})
+        blocks = {p for p in range(depth) if state[p]}
+        return blocks, blocks
+
+    def fitness(state: list[int], step: int) -> float:
+        attention, mlp = sets(state)
+        with dropped_sublayers(model, attention, mlp):
+            return scorers[step](model)
+
+    # seeds: the fixed strategies, as block sets (positions)
+    probe = input_ids[: s.windows[-1]]
+    influence = block_influence(model, probe, batch_size=batch_size)
+    angular = angular_distance(model, probe, span=n, batch_size=batch_size)
+    position = {orig: p for p, orig in enumerate(originals)}
+    seeds = {
+        "last": list(range(depth - 1 - n, depth - 1)),
+        "angular": list(range(position[min(angular, key=angular.get)], position[min(angular, key=angular.get)] + n)),
+        "block_influence": sorted(position[o] for o in sorted(influence, key=influence.get)[:n]),
+    }
+    seed_fitness = {}
+    for name, blocks in seeds.items():
+        state = [1 if p in blocks else 0 for p in range(depth)]
+        seed_fitness[name] = fitness(state + state if sublayers else state, len(s.windows) - 1)
+    best_seed = min(seed_fitness, key=seed_fitness.get)
+    initial = [1 if p in seeds[best_seed] else 0 for p in range(depth)]
+    initial = initial + initial if sublayers else initial
+    groups = [list(range(depth)), list(range(depth, 2 * depth))] if sublayers else [list(range(depth))]
+    run_key = fingerprint("evopress-depth", input_ids, depth, n, sublayers, asdict(s) | {"generations": None,
+                                                                                         "state_file": None})
+    result = evolve(initial, lambda st, g: swap_mutation(st, groups, g, s.max_swaps), fitness, s, run_key=run_key,
+                    progress=progress, description="EvoPress depth")
+    attention, mlp = sets(result.state)
+    info = {"method": "evopress", "target": "depth", "units": "sublayers" if sublayers else "blocks", "removed": n,
+            "fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else
+            "relative output error", "generations": result.generations, "offspring": s.offspring,
+            "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
+            "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,
+            "seed_fitness": seed_fitness, "history": [round(h, 6) for h in result.history]}
+    if sublayers:
+        return DepthSearchResult([], sorted(originals[p] for p in attention), sorted(originals[p] for p in mlp), info)
+    return DepthSearchResult(sorted(originals[p] for p in attention), [], [], info)
+
+
+__all__ = ["EvoPressSettings", "SearchResult", "DepthSearchResult", "evolve", "swap_mutation", "search_depth",
+           "dropped_sublayers"]

@@ -1,0 +1,110 @@
+"""EvoPress: budget-exact mutations, multi-step selection, reversible sublayer drops, resumable depth search."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from zoo import FAMILIES, VOCAB
+
+from optimum_prune.evopress import (EvoPressSettings, dropped_sublayers, evolve, search_depth, swap_mutation)
+from optimum_prune.modeling.pruning_config import PruningConfig
+from optimum_prune.modeling.surgery import apply_structure
+
+CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+FAST = dict(generations=4, offspring=4, windows=[2, 4, 8], survivors=[2, 2], seed=0)
+
+
+def outputs(model, ids=PROBE):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_mutation_never_breaks_the_budget(seed):
+    g = torch.Generator().manual_seed(seed)
+    state = [1, 0, 0, 1, 0, 0, 0, 1] + [0, 1, 1, 0, 0, 0, 0, 0]
+    groups = [list(range(8)), list(range(8, 16))]
+    for _ in range(200):
+        child = swap_mutation(state, groups, g, max_swaps=3)
+        assert [sum(child[u] for u in grp) for grp in groups] == [3, 2]
+        assert child != state or all(sum(state[u] for u in grp) in (0, len(grp)) for grp in groups)
+        state = child
+
+
+def test_evolve_is_elitist_and_finds_the_optimum_of_a_toy_problem():
+    target = {2, 5, 6}
+    fit = lambda state, step: float(sum(1 for u, v in enumerate(state) if v and u not in target))  # noqa: E731
+    settings = EvoPressSettings(**{**FAST, "generations": 40}).resolved(5, 3, 8)
+    result = evolve([1, 1, 1, 0, 0, 0, 0, 0], lambda s, g: swap_mutation(s, [list(range(8))], g, 3), fit, settings,
+                    run_key="toy", progress=False)
+    assert result.fitness == 0 and {u for u, v in enumerate(result.state) if v} == target
+    assert all(a >= b for a, b in zip(result.history, result.history[1:]))  # never gets worse
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "bert"])
+def test_temporary_drops_match_surgery_and_are_undone(family):
+    model = FAMILIES[family].build()
+    dense = outputs(model)
+    with dropped_sublayers(model, {0, 2}, {1}):
+        temporary = outputs(model)
+    torch.testing.assert_close(outputs(model), dense)
+    pruned = copy.deepcopy(model)
+    apply_structure(pruned, PruningConfig(drop_attention=[0, 2], drop_mlp=[1]))
+    torch.testing.assert_close(temporary, outputs(pruned), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sublayers", [False, True])
+def test_depth_search_drops_exactly_n_and_beats_its_seeds(sublayers):
+    model = FAMILIES["llama-gqa"].build()
+    result = search_depth(model, CALIB, num_blocks=2, sublayers=sublayers, settings=EvoPressSettings(**FAST),
+                          progress=False)
+    if sublayers:
+        assert len(result.drop_attention) == 2 and len(result.drop_mlp) == 2 and not result.drop_layers
+    else:
+        assert len(result.drop_layers) == 2
+    info = result.info
+    assert info["fitness"] <= min(info["seed_fitness"].values()) + 1e-12
+    assert info["tokens"] == [2 * 32, 4 * 32, 8 * 32] and info["generations"] == 4
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
+    model = FAMILIES["llama-gqa"].build()
+    settings = dict(FAST, generations=6)
+    expected = search_depth(model, CALIB, num_blocks=2, sublayers=True, settings=EvoPressSettings(**settings),
+                            progress=False)
+    state_file = tmp_path / "search.json"
+    import optimum_prune.ziplm.method as method
+
+    calls = {"n": 0}
+    original = method.CalibrationScorer.__call__
+
+    def flaky(self, m):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return original(self, m)
+
+    monkeypatch.setattr(method.CalibrationScorer, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        search_depth(model, CALIB, num_blocks=2, sublayers=True, settings=EvoPressSettings(**settings,
+                                                                                            state_file=state_file),
+                     progress=False)
+    monkeypatch.setattr(method.CalibrationScorer, "__call__", original)
+    assert state_file.is_file()
+    resumed = search_depth(model, CALIB, num_blocks=2, sublayers=True,
+                           settings=EvoPressSettings(**settings, state_file=state_file), progress=False)
+    assert resumed.drop_attention == expected.drop_attention and resumed.drop_mlp == expected.drop_mlp
+    assert resumed.info["fitness"] == pytest.approx(expected.info["fitness"])
+    assert resumed.info["history"] == expected.info["history"]
+
+
+def test_bad_requests_say_what_to_give():
+    model = FAMILIES["llama-gqa"].build()
+    with pytest.raises(ValueError, match="exactly one"):
+        search_depth(model, CALIB)
+    with pytest.raises(ValueError, match="1 to 3"):
+        search_depth(model, CALIB, num_blocks=4)
