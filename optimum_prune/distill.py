@@ -57,6 +57,8 @@ def apply_masks(masks: Masks) -> None:
 class DistillationTrainer(Trainer):
     """Trainer whose loss is α·T²·KL(teacher ‖ student) + (1 − α)·LM loss, per token."""
 
+    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means: the Trainer divides by accumulation steps
+
     def __init__(self, *args: Any, teacher: nn.Module | None = None, alpha: float = 1.0, temperature: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -86,11 +88,12 @@ class DistillationTrainer(Trainer):
 def finetune(model: nn.Module, train_ids: torch.Tensor, *, teacher: nn.Module | None = None, alpha: float = 1.0,
              temperature: float = 1.0, masks: Masks | None = None, max_steps: int = 100,
              learning_rate: float = 5e-5, per_device_train_batch_size: int = 4, output_dir: str | None = None,
-             **training_args: Any) -> dict[str, Any]:
-    """Train ``model`` in place on token windows; returns the Trainer's final metrics.
+             resume_from_checkpoint: str | bool | None = None, **training_args: Any) -> dict[str, Any]:
+    """Train ``model`` in place on token windows; returns the Trainer's final metrics plus ``global_step``.
 
     Extra keyword arguments go to ``TrainingArguments`` (gradient_checkpointing, bf16, warmup_steps,
-    gradient_accumulation_steps, ...). Nothing is saved unless ``save_strategy`` asks for it.
+    gradient_accumulation_steps, ...). Nothing is saved unless ``save_strategy`` asks for it;
+    ``resume_from_checkpoint`` (True: the last checkpoint in ``output_dir``, or a path) goes to ``Trainer.train``.
     """
     if masks:
         apply_masks(masks)
@@ -105,8 +108,8 @@ def finetune(model: nn.Module, train_ids: torch.Tensor, *, teacher: nn.Module | 
         trainer = DistillationTrainer(model=model, args=args, train_dataset=TokenWindows(train_ids), teacher=teacher,
                                       alpha=alpha, temperature=temperature,
                                       callbacks=[_ApplyMasks(masks)] if masks else None)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         model.train(was_training)
     if masks:
         apply_masks(masks)
-    return dict(result.metrics)
+    return {**result.metrics, "global_step": result.global_step}
