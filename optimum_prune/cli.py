@@ -53,8 +53,16 @@ def _build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="ZipLM to measured target speedups, or sparsify with SparseGPT / Wanda / "
                                          "magnitude (optionally scheduled per layer)")
     _model_args(prune)
-    prune.add_argument("--method", choices=["ziplm", "sparsegpt", "wanda", "magnitude"],
-                       help="default: ziplm with --target-speedup, else sparsegpt")
+    prune.add_argument("--method", choices=["ziplm", "layerchop", "evopress", "sparsegpt", "wanda", "magnitude"],
+                       help="default: ziplm with --target-speedup, layerchop with --num-layers, else sparsegpt")
+    prune.add_argument("--num-layers", type=int, help="LayerChop: how many whole blocks to remove")
+    prune.add_argument("--strategy", default="angular", choices=["angular", "block_influence", "last", "evopress"],
+                       help="LayerChop: which blocks go (default: the contiguous window of least angular distance)")
+    prune.add_argument("--target", choices=["depth"], help="EvoPress: what to search (depth: attention and MLP "
+                                                           "sublayers dropped independently)")
+    prune.add_argument("--drop-ratio", type=float, help="EvoPress depth: fraction of blocks' worth of sublayers")
+    prune.add_argument("--generations", type=int, help="EvoPress: generations (default scaled to the problem)")
+    prune.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
     prune.add_argument("--target-speedup", type=float, nargs="+", metavar="X",
                        help="ZipLM: one or more speedups (e.g. 1.5 2 3); several targets write OUTPUT/<target>x")
     prune.add_argument("--latency-table", help="ZipLM: a table saved by `optimum-prune latency` (else measured "
@@ -74,6 +82,27 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--schedule", default="uniform", choices=["uniform", "hessian-kmeans", "owl"],
                        help="spread --sparsity over the layers (budget met exactly)")
     _calibration_args(prune)
+
+    heal = sub.add_parser("heal", help="continued pretraining of a pruned causal LM (LayerChop healing, "
+                                       "transformers Trainer)")
+    _model_args(heal)
+    heal.add_argument("--train-data", required=True, help="text file or dataset name (e.g. fineweb-edu) to train on")
+    heal.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    heal.add_argument("--learning-rate", type=float, default=2e-5)
+    heal.add_argument("--batch-size", type=int, default=4, help="windows per device and step")
+    heal.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    heal.add_argument("--seq-len", type=int, default=512, help="tokens per training window")
+    heal.add_argument("--num-samples", type=int, help="training windows (default: max steps x batch size)")
+    heal.add_argument("--seed", type=int, default=0)
+    heal.add_argument("--distill-from", metavar="MODEL",
+                      help="dense model to distill from instead of the plain LM loss")
+    heal.add_argument("--alpha", type=float, help="with --distill-from: weight of the distillation loss (default 1)")
+    heal.add_argument("--checkpoint-dir", help="keep Trainer checkpoints here (every --save-steps)")
+    heal.add_argument("--save-steps", type=int, default=500)
+    heal.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    heal.add_argument("--gradient-checkpointing", action="store_true")
+    heal.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    heal.add_argument("--eval-text", help="text file: print the perplexity after healing")
 
     quant = sub.add_parser("quantize", help="GPTQ-quantize (packed compressed-tensors checkpoint)")
     _model_args(quant)
@@ -163,6 +192,24 @@ def _finish(session, args: argparse.Namespace, start: float) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from . import Pruner
 
+    if args.method == "layerchop" or (args.method is None and args.num_layers is not None):
+        if args.num_layers is None:
+            print("error: LayerChop needs --num-layers (how many whole blocks to remove)", file=sys.stderr)
+            return 2
+        start = time.perf_counter()
+        pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+        pruner.prune("layerchop", num_layers=args.num_layers, strategy=args.strategy, **_run_options(args))
+        print(f"dropped layers {pruner.pruning_config.drop_layers} ({args.strategy})")
+        return _finish(pruner, args, start)
+    if args.method == "evopress":
+        start = time.perf_counter()
+        pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+        settings = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file)) if v}
+        pruner.prune("evopress", target=args.target, drop_ratio=args.drop_ratio, num_layers=args.num_layers,
+                     evopress=settings, **_run_options(args))
+        config = pruner.pruning_config
+        print(f"dropped attention {config.drop_attention}, MLP {config.drop_mlp} (KL {config.search['fitness']:.4g})")
+        return _finish(pruner, args, start)
     ziplm = args.method == "ziplm" or (args.method is None and args.target_speedup)
     if not ziplm and args.sparsity is None and not args.n_m:
         print("error: give --sparsity (e.g. 0.5) or --n-m (e.g. 2:4) to sparsify, or --target-speedup (e.g. 1.5 2) "
@@ -202,6 +249,23 @@ def _prune(args: argparse.Namespace) -> int:
             info = member.push_to_hub(f"{args.push_to_hub}-{target:g}x")
             print(f"pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
     return 0
+
+
+def _heal(args: argparse.Namespace) -> int:
+    from . import Pruner
+
+    start = time.perf_counter()
+    pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+    teacher = Pruner.from_pretrained(args.distill_from).model if args.distill_from else None
+    training = dict(gradient_accumulation_steps=args.gradient_accumulation_steps, bf16=args.bf16)
+    if args.checkpoint_dir:
+        training.update(save_strategy="steps", save_steps=args.save_steps)
+    pruner.heal(args.train_data, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                per_device_train_batch_size=args.batch_size, seq_len=args.seq_len, num_samples=args.num_samples,
+                seed=args.seed, distill_from=teacher, alpha=args.alpha, output_dir=args.checkpoint_dir,
+                resume_from_checkpoint=True if args.resume else None,
+                gradient_checkpointing=args.gradient_checkpointing, **training)
+    return _finish(pruner, args, start)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -300,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .calibration import CalibrationError
 
     try:
-        return {"apply": _apply, "prune": _prune, "quantize": _quantize, "eval": _eval, "latency": _latency,
-                "summary": _summary}[args.command](args)
+        return {"apply": _apply, "prune": _prune, "heal": _heal, "quantize": _quantize, "eval": _eval,
+                "latency": _latency, "summary": _summary}[args.command](args)
     except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
             CalibrationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from .engine.compress import CompressionPlan, compress_model, uniform
 from .engine.obs import METHODS, PruneSpec
 from .engine.schedule import SCHEDULES, build_schedule
 from .engine.layers import original_layer_indices, zero_fraction
+from . import layerchop
 from .loading import TASKS, task_of_model
 from .modeling.adapters import base_model_type
 from .modeling.modeling_pruned import PrunedModelMixin, pruned_config_class, pruned_model_class
@@ -22,6 +23,7 @@ from .modeling.pruning_config import PruningConfig
 from .modeling.surgery import apply_structure, current_structure
 from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
+from .evopress import EvoPressSettings, search_depth
 from .ziplm.family import ZipLMFamily
 from .ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_model_ms, model_signature
 from .ziplm.gradual import FinetuneSettings, run_gradual
@@ -69,6 +71,12 @@ class Pruner(CompressionSession):
         dampening: float = 0.01,
         blocksize: int = 128,
         progress: bool = True,
+        num_layers: int | None = None,
+        strategy: str = "angular",
+        strategy_options: dict[str, Any] | None = None,
+        target: str | None = None,
+        drop_ratio: float | None = None,
+        evopress: EvoPressSettings | dict[str, Any] | None = None,
     ) -> PreTrainedModel | ZipLMFamily:
         """Prune with ZipLM to measured speedups, or sparsify with SparseGPT, Wanda or magnitude.
 
@@ -87,8 +95,19 @@ class Pruner(CompressionSession):
         target over the layers (budget met exactly). Calibration: a dataset name, a text file, a list
         of strings, a ``datasets.Dataset`` or token ids; by default WikiText-2, or text sampled from the
         model when offline. ``checkpoint_dir`` makes the run resumable.
+
+        ``method="layerchop"`` removes ``num_layers`` whole blocks chosen by ``strategy``: "angular" (the
+        contiguous window whose input and output streams are closest), "block_influence" (ShortGPT),
+        "last" (the blocks before the final one; no calibration) or "evopress" (``strategy_options`` go to
+        its search); heal afterwards with ``heal``.
+
+        ``method="evopress", target="depth"`` searches which attention and which MLP sublayers to drop
+        (independently: ``drop_ratio`` or ``num_layers`` blocks' worth of each) by EvoPress, minimizing
+        KL to the dense model on the calibration windows; ``evopress`` holds the search settings
+        (``EvoPressSettings`` or its fields; ``state_file`` makes the search resumable).
         """
-        method = method or ("ziplm" if target_speedup is not None else "sparsegpt")
+        method = method or ("ziplm" if target_speedup is not None else
+                            "layerchop" if num_layers is not None else "sparsegpt")
         options = RunOptions(calibration, num_samples, seq_len, seed, batch_size, device, checkpoint_dir, progress)
         if method == "ziplm":
             if target_speedup is None:
@@ -101,11 +120,23 @@ class Pruner(CompressionSession):
                                settings=ZipLMSettings(search_iterations=search_iterations,
                                                       search_samples=search_samples, dampening=dampening, seed=seed),
                                measure=measure_speedup, finetune=finetune)
+        if method == "layerchop":
+            stray = [name for name, value in (("target_speedup", target_speedup), ("sparsity", sparsity), ("n_m", n_m),
+                                              ("finetune", finetune)) if value is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: not LayerChop's, which removes `num_layers` whole blocks "
+                                 "(heal afterwards with Pruner.heal)")
+            if num_layers is None:
+                raise ValueError("LayerChop removes whole blocks: pass num_layers= (how many, e.g. 8)")
+            return self._layerchop(num_layers, strategy, options, dict(strategy_options or {}))
+        if method == "evopress":
+            return self._evopress(target, num_layers, drop_ratio, evopress, options)
         if finetune is not None:
             raise ValueError("finetune= is gradual ZipLM's (pruning steps alternating with fine-tuning); "
                              "it needs target_speedup")
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of ziplm, {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {method!r}; choose one of ziplm, layerchop, evopress, "
+                             f"{', '.join(METHODS)}")
         if target_speedup is not None:
             raise ValueError(f"target_speedup is ZipLM's (structured pruning to a measured speedup); method "
                              f"{method!r} sparsifies weights to a `sparsity`")
@@ -140,6 +171,58 @@ class Pruner(CompressionSession):
                      calibration=calib_info, metrics=metrics, search=search)
         logger.info("%s: %.1f%% of the Linear weights in the blocks are zero", method, 100 * achieved)
         return self.model
+
+    def _layerchop(self, num_layers: int, strategy: str, options: RunOptions, strategy_options: dict[str, Any]
+                   ) -> PreTrainedModel:
+        """LayerChop's removal: choose the blocks (validated before any calibration), drop them, record why."""
+        layerchop.check_request(self.model, num_layers, strategy, strategy_options)
+        start = time.perf_counter()
+        needs_data = strategy in layerchop.NEEDS_CALIBRATION
+        ids, calib_info = self.calibration_data(options) if needs_data else (None, None)
+        drop, info = layerchop.choose_layers(self.model, ids, num_layers, strategy, batch_size=options.batch_size,
+                                             progress=options.progress, **strategy_options)
+        self.apply(PruningConfig(drop_layers=drop))
+        metrics = dict(self.pruning_config.metrics or {})
+        metrics.update(layers_removed=len(drop), compression_seconds=round(time.perf_counter() - start, 2))
+        self._record(method="layerchop", search=info, calibration=calib_info, metrics=metrics)
+        return self.model
+
+    def heal(self, train_dataset: Any, *, max_steps: int = 1000, learning_rate: float = 2e-5,
+             per_device_train_batch_size: int = 4, seq_len: int = 512, num_samples: int | None = None, seed: int = 0,
+             distill_from: Any = None, alpha: float | None = None, resume_from_checkpoint: str | bool | None = None,
+             output_dir: str | os.PathLike | None = None, gradient_checkpointing: bool = False,
+             **training_args: Any) -> dict[str, Any]:
+        """Heal a pruned causal LM by continued pretraining of all its weights (LayerChop); returns the Trainer metrics.
+
+        ``train_dataset``: generic text as a text file, strings, a ``datasets.Dataset``, a dataset name or token
+        ids [n, seq_len]; cut into ``num_samples`` windows of ``seq_len`` tokens (default: enough for
+        ``max_steps``). The loss is the plain causal-LM loss, or with ``distill_from`` (the dense model or its
+        Pruner) token-level distillation weighted by ``alpha`` (default 1). ``output_dir`` keeps Trainer
+        checkpoints (``save_steps=``), ``resume_from_checkpoint=True`` continues from the last one. Other
+        keyword arguments go to ``TrainingArguments``; several GPUs come from ``accelerate launch``. A sparsified
+        model keeps its zeros.
+        """
+        if train_dataset is None:
+            raise ValueError("heal trains on generic text: pass train_dataset= a text file, strings, a "
+                             "datasets.Dataset, a dataset name (e.g. 'fineweb-edu') or token ids")
+        teacher = getattr(distill_from, "model", distill_from)
+        alpha = layerchop.check_heal(self.model, teacher, alpha, resume_from_checkpoint, output_dir)
+        accumulation = training_args.get("gradient_accumulation_steps", 1)
+        train_ids, data_info = load_calibration(train_dataset, self.tokenizer, seq_len=seq_len, seed=seed,
+                                                num_samples=num_samples or max_steps * per_device_train_batch_size
+                                                * accumulation)
+        masks = layerchop.sparsity_masks(self.model) if layerchop.keeps_zeros(self.pruning_config) else None
+        training_args.setdefault("seed", seed)
+        metrics = layerchop.heal(self.model, train_ids, max_steps=max_steps, learning_rate=learning_rate,
+                                 per_device_train_batch_size=per_device_train_batch_size, teacher=teacher, alpha=alpha,
+                                 masks=masks, resume_from_checkpoint=resume_from_checkpoint,
+                                 output_dir=None if output_dir is None else str(output_dir),
+                                 gradient_checkpointing=gradient_checkpointing, **training_args)
+        record = dict(self.pruning_config.metrics or {})
+        record.update(layerchop.heal_record(metrics, max_steps, train_ids.shape[0], train_ids.shape[1],
+                                            data_info.get("dataset"), alpha))
+        self._record(metrics=record)
+        return metrics
 
     def _ziplm(self, target_speedup: float | list[float], options: RunOptions, *, latency, latency_table,
                settings: ZipLMSettings, measure: bool, finetune: dict[str, Any] | None = None
@@ -190,6 +273,32 @@ class Pruner(CompressionSession):
             self.model = family[targets[0]].model
             return self.model
         return family
+
+    def _evopress(self, target: str | None, num_layers: int | None, drop_ratio: float | None,
+                  settings: EvoPressSettings | dict[str, Any] | None, options: RunOptions) -> PreTrainedModel:
+        """EvoPress depth search (attention and MLP sublayers independently), then the drops applied."""
+        if target != "depth":
+            raise ValueError(f"EvoPress target {target!r} is not available; choose target='depth' (attention and "
+                             "MLP sublayers dropped independently, with drop_ratio= or num_layers=)")
+        if (num_layers is None) == (drop_ratio is None):
+            raise ValueError("EvoPress depth needs exactly one of drop_ratio= (e.g. 0.25) and num_layers= (blocks' "
+                             "worth of sublayers, e.g. 8)")
+        depth = len(original_layer_indices(self.model))
+        count = num_layers if num_layers is not None else round(drop_ratio * depth)
+        if not 1 <= count < depth:
+            raise ValueError(f"EvoPress depth can remove 1 to {depth - 1} blocks' worth of sublayers of this "
+                             f"{depth}-block model; drop_ratio={drop_ratio} / num_layers={num_layers} gives {count}")
+        if isinstance(settings, dict):
+            settings = EvoPressSettings(**settings)
+        start = time.perf_counter()
+        ids, calib_info = self.calibration_data(options)
+        result = search_depth(self.model, ids, num_blocks=count, sublayers=True, settings=settings,
+                              batch_size=min(options.batch_size, 4), progress=options.progress)
+        self.apply(PruningConfig(drop_attention=result.drop_attention, drop_mlp=result.drop_mlp))
+        metrics = dict(self.pruning_config.metrics or {})
+        metrics.update(search_seconds=round(time.perf_counter() - start, 2))
+        self._record(method="evopress", search=result.info, calibration=calib_info, metrics=metrics)
+        return self.model
 
     def _finetune_settings(self, finetune: dict[str, Any], options: RunOptions) -> FinetuneSettings:
         """Gradual mode's settings; the training windows are read like calibration data (same tokenizer)."""

@@ -108,3 +108,45 @@ def test_bad_requests_say_what_to_give():
         search_depth(model, CALIB)
     with pytest.raises(ValueError, match="1 to 3"):
         search_depth(model, CALIB, num_blocks=4)
+
+
+def test_pruner_evopress_depth_records_the_search_and_reloads(tmp_path):
+    import transformers
+
+    from optimum_prune import Pruner
+
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    with pytest.raises(ValueError, match="target='depth'"):
+        pruner.prune(method="evopress", target="sparsity", drop_ratio=0.25)
+    with pytest.raises(ValueError, match="1 to 3"):
+        pruner.prune(method="evopress", target="depth", drop_ratio=0.99)
+    pruned = pruner.prune(method="evopress", target="depth", drop_ratio=0.5, calibration=CALIB, progress=False,
+                          evopress=dict(FAST, generations=2))
+    config = pruner.pruning_config
+    assert config.method == "evopress" and len(config.drop_attention) == 2 and len(config.drop_mlp) == 2
+    assert config.search["target"] == "depth" and config.search["generations"] == 2
+    pruner.save_pretrained(tmp_path)
+    assert "evopress" in (tmp_path / "README.md").read_text()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded), outputs(pruned), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_evopress_depth(tmp_path, capsys):
+    import json
+
+    from zoo import TEXT, char_tokenizer
+
+    from optimum_prune.cli import main
+
+    model = FAMILIES["llama-gqa"].build()
+    model.save_pretrained(tmp_path / "dense")
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    args = ["prune", "--model", str(tmp_path / "dense"), "--method", "evopress", "--target", "depth",
+            "--drop-ratio", "0.25", "--generations", "2", "--calibration", str(tmp_path / "text.txt"),
+            "--num-samples", "8", "--seq-len", "16", "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "dropped attention" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["pruning_config"]
+    assert config["method"] == "evopress" and len(config["drop_attention"]) == 1 == len(config["drop_mlp"])
+    assert main(args[:-2] + ["--target", "depth", "--drop-ratio", "0.99", "--output", str(tmp_path / "x")]) == 2

@@ -222,7 +222,7 @@ def proportional_table(model, rest_ms: float = 2.0):
                         num_layers=dims.num_layers)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2", "bert"])
 def test_family_meets_predicted_targets_and_reloads_with_identical_logits(family, tmp_path):
     import transformers
 

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Depth pruning on SmolLM2-135M: 6 of 30 blocks' worth removed by last-n, angular, block influence and
+EvoPress (attention and MLP sublayers chosen independently), perplexity before and after one fixed
+small healing run (same steps and data for every row).
+
+    python bench/depth.py                                   # ~40 min on 2 cores
+    python bench/depth.py --heal-steps 0                    # no healing
+
+Calibration (strategies' statistics and EvoPress fitness): the engine bench's windows of
+``valid.txt``. Healing: continued pretraining on ``valid.txt`` (seq 256, batch 4, lr 1e-4, seed 0).
+Perplexity: the project protocol on ``test.txt``. Results in ``bench/results/depth/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+OUT = ROOT / "bench" / "results" / "depth"
+WINDOWS = ROOT / "bench" / "results" / "engine" / "windows-128x512.pt"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--heal-steps", type=int, default=40)
+    parser.add_argument("--heal-seq-len", type=int, default=256)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--offspring", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--rows", nargs="*", default=["last", "angular", "block_influence", "evopress"])
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+
+    from optimum_prune import Pruner
+    from optimum_prune.evaluation import perplexity
+    from optimum_prune.evopress import EvoPressSettings
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Pruner.from_pretrained("smollm2")
+    windows = torch.load(WINDOWS)
+    test = str(DATA / "test.txt")
+
+    def ppl(model) -> float:
+        return perplexity(model, base.tokenizer, test, max_windows=args.eval_windows, progress=False).perplexity
+
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["dense"] = {"perplexity": ppl(base.model), "params": sum(p.numel() for p in base.model.parameters())}
+    for row in args.rows:
+        pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
+        start = time.perf_counter()
+        if row == "evopress":
+            pruner.prune(method="evopress", target="depth", drop_ratio=args.blocks / 30, calibration=windows,
+                         num_samples=windows.shape[0], seq_len=windows.shape[1],
+                         evopress=EvoPressSettings(generations=args.generations, offspring=args.offspring,
+                                                   windows=[1, 2, 8], survivors=[2, 1], seed=0))
+        else:
+            pruner.prune(method="layerchop", num_layers=args.blocks, strategy=row, calibration=windows,
+                         num_samples=windows.shape[0], seq_len=windows.shape[1])
+        search_seconds = time.perf_counter() - start
+        config = pruner.pruning_config
+        before = ppl(pruner.model)
+        row_result = {"search_seconds": round(search_seconds, 1), "perplexity_before_healing": before,
+                      "drop_layers": config.drop_layers, "drop_attention": config.drop_attention,
+                      "drop_mlp": config.drop_mlp, "params": sum(p.numel() for p in pruner.model.parameters())}
+        print(f"{row}: {before:.2f} before healing ({search_seconds:.0f} s search)", flush=True)
+        if args.heal_steps:
+            start = time.perf_counter()
+            metrics = pruner.heal(train_dataset=str(DATA / "valid.txt"), max_steps=args.heal_steps,
+                                  seq_len=args.heal_seq_len, per_device_train_batch_size=4,
+                                  learning_rate=args.heal_lr, disable_tqdm=True)
+            row_result.update(perplexity_after_healing=ppl(pruner.model),
+                              heal_seconds=round(time.perf_counter() - start, 1),
+                              heal_train_loss=metrics.get("train_loss"))
+            print(f"{row}: {row_result['perplexity_after_healing']:.2f} after healing", flush=True)
+        if row == "evopress":
+            row_result["search"] = {k: v for k, v in (config.search or {}).items() if k != "history"}
+        results[row] = row_result
+        results_path.write_text(json.dumps(results, indent=2))
+    results["settings"] = vars(args)
+    results_path.write_text(json.dumps(results, indent=2))
+    lines = ["| strategy | removed | ppl before healing | ppl after healing | search (s) | parameters |",
+             "|---|---|---:|---:|---:|---:|",
+             f"| dense | – | {results['dense']['perplexity']:.2f} | – | – | {results['dense']['params']:,} |"]
+    for row in ("last", "angular", "block_influence", "evopress"):
+        if row not in results:
+            continue
+        r = results[row]
+        removed = (f"blocks {r['drop_layers']}" if r["drop_layers"] else
+                   f"attention {r['drop_attention']}, MLP {r['drop_mlp']}")
+        after = f"{r['perplexity_after_healing']:.2f}" if "perplexity_after_healing" in r else "–"
+        lines.append(f"| {row} | {removed} | {r['perplexity_before_healing']:.2f} | {after} | "
+                     f"{r['search_seconds']:.0f} | {r['params']:,} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
