@@ -6,8 +6,8 @@ small healing run (same steps and data for every row).
     python bench/depth.py                                   # ~40 min on 2 cores
     python bench/depth.py --heal-steps 0                    # no healing
 
-Calibration (strategies' statistics and EvoPress fitness): the engine bench's windows of
-``valid.txt``. Healing: continued pretraining on ``valid.txt`` (seq 256, batch 4, lr 1e-4, seed 0).
+Calibration (strategies' statistics and EvoPress fitness): the first 32 of the engine bench's
+windows of ``valid.txt``. Healing: continued pretraining on ``valid.txt`` (seq 256, batch 4, lr 1e-4, seed 0).
 Perplexity: the project protocol on ``test.txt``. Results in ``bench/results/depth/``.
 """
 
@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=8)
+    parser.add_argument("--calibration-windows", type=int, default=32, help="of the engine bench's 128 x 512")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--rows", nargs="*", default=["last", "angular", "block_influence", "evopress"])
@@ -49,7 +50,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Pruner.from_pretrained("smollm2")
-    windows = torch.load(WINDOWS)
+    windows = torch.load(WINDOWS)[: args.calibration_windows]
     test = str(DATA / "test.txt")
 
     def ppl(model) -> float:
