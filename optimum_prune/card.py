@@ -61,6 +61,7 @@ def build_model_card(
         measured.append(f"| bits per layer | {per_layer} |")
     for key, value in (structure.metrics or {}).items():
         measured.append(f"| {key} | {_fmt(value)} |")
+    measured += _search_rows(structure.search or {})
     figures = ("\n## Measured\n\n| | |\n|---|---|\n" + "\n".join(measured) + "\n") if measured else ""
     repo = repo_id or "path/to/this/model"
     what = "Quantized" if quantization and not structure.is_structured else "Pruned"
@@ -102,3 +103,26 @@ model = {load_class}.from_pretrained("{repo}", trust_remote_code=True)
 The full structure is stored under `pruning_config` in `config.json`, by original layer index.
 """
     return ModelCard(content)
+
+
+_SEARCH_FIELDS = ("method", "target", "units", "predicted_speedup", "reachable_speedup", "fitness", "fitness_metric",
+                  "score", "score_metric", "generations", "offspring", "survivors", "tokens", "evaluations",
+                  "search_iterations", "accepted", "strategy", "start", "seed", "schedule", "num_groups", "max_shift",
+                  "normalize", "stages")
+
+
+def _search_rows(search: dict) -> list[str]:
+    """How the per-layer choice was made (EvoPress, ZipLM, LayerChop, schedules), plus the levels it chose."""
+    def shown(value) -> bool:  # scalars, and short lists of scalars
+        if isinstance(value, list):
+            return len(value) <= 8 and all(not isinstance(v, (dict, list)) for v in value)
+        return value is not None and not isinstance(value, dict)
+
+    rows = [f"| search {key.replace('_', ' ')} | {_fmt(search[key])} |" for key in _SEARCH_FIELDS
+            if key in search and shown(search[key])]
+    levels = search.get("levels")
+    if isinstance(levels, dict) and levels:
+        text = "; ".join(f"{layer}: " + ", ".join(f"{k} {v}" for k, v in value.items())
+                         for layer, value in sorted(levels.items(), key=lambda kv: int(kv[0])))
+        rows.append(f"| levels per layer | {text} |")
+    return rows

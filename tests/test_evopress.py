@@ -126,7 +126,8 @@ def test_pruner_evopress_depth_records_the_search_and_reloads(tmp_path):
     assert config.method == "evopress" and len(config.drop_attention) == 2 and len(config.drop_mlp) == 2
     assert config.search["target"] == "depth" and config.search["generations"] == 2
     pruner.save_pretrained(tmp_path)
-    assert "evopress" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "evopress" in card and "search fitness" in card and "search generations | 2" in card
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(outputs(reloaded), outputs(pruned), rtol=1e-5, atol=1e-5)
 

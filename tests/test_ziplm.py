@@ -249,7 +249,7 @@ def test_family_meets_predicted_targets_and_reloads_with_identical_logits(family
     reloaded = getattr(transformers, FAMILIES[family].auto_class).from_pretrained(saved[2.0]).eval()
     torch.testing.assert_close(outputs(reloaded), outputs(family_models[2.0].model), rtol=1e-5, atol=1e-5)
     card = (tmp_path / "2x" / "README.md").read_text()
-    assert "target speedup" in card and "measured speedup" in card
+    assert "target speedup" in card and "measured speedup" in card and "levels per layer" in card
 
 
 def test_single_target_prunes_the_pruner_model_and_reuses_the_database():
