@@ -7,7 +7,8 @@ at the last step, so the search never gets worse); fitness is KL(dense ‖ candi
 tokens (Top-K KL bounds memory; relative output error for encoders). The search state is written to
 disk after every generation, RNG included, so an interrupted search resumes to the same result.
 
-Search spaces here: depth (attention and MLP sublayers dropped independently, or whole blocks).
+Search spaces here: depth (attention and MLP sublayers dropped independently, or whole blocks), and
+structure (ZipLM's head / neuron levels per sublayer under a MEASURED latency budget).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class SearchResult:
     evaluations: int
     history: list[float] = field(default_factory=list)
     resumed_from: int = 0
+    initial_fitness: float | None = None
 
 
 def swap_mutation(state: list[int], groups: list[list[int]], generator: torch.Generator, max_swaps: int) -> list[int]:
@@ -106,11 +108,13 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
     """(1+λ) evolution with multi-step selection; ``fitness(state, step)`` scores on step's windows (lower is better)."""
     generator = torch.Generator().manual_seed(settings.seed)
     parent, parent_fit, start, evaluations, history = list(initial), None, 0, 0, []
+    initial_fit = None
     state_path = Path(settings.state_file) if settings.state_file else None
     if state_path is not None and state_path.is_file():
         saved = json.loads(state_path.read_text())
         if saved.get("run") == run_key:
             parent, parent_fit, start = saved["parent"], saved["fitness"], saved["generation"]
+            initial_fit = saved.get("initial_fitness")
             evaluations, history = saved["evaluations"], saved["history"]
             generator.set_state(torch.tensor(saved["rng"], dtype=torch.uint8))
             logger.warning("EvoPress resumes from %s at generation %d", state_path, start)
@@ -118,7 +122,7 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
             logger.warning("%s holds the state of a different search: starting over", state_path)
     last = len(settings.windows) - 1
     if parent_fit is None:
-        parent_fit = fitness(parent, last)
+        parent_fit = initial_fit = fitness(parent, last)
         evaluations += 1
     bar = tqdm(total=settings.generations, initial=start, desc=description, disable=not progress, unit="gen")
     for generation in range(start, settings.generations):
@@ -138,9 +142,10 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
         if state_path is not None:
             _save_state(state_path, {"run": run_key, "generation": generation + 1, "parent": parent,
                                      "fitness": parent_fit, "evaluations": evaluations, "history": history,
+                                     "initial_fitness": initial_fit,
                                      "rng": generator.get_state().tolist()})
     bar.close()
-    return SearchResult(parent, parent_fit, settings.generations, evaluations, history, start)
+    return SearchResult(parent, parent_fit, settings.generations, evaluations, history, start, initial_fit)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -264,5 +269,77 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
     return DepthSearchResult(sorted(originals[p] for p in attention), [], [], info)
 
 
+# --------------------------------------------------------------------------- structure search space
+def budget_mutation(state: list[int], costs: list[tuple[float, ...]], budget: float, generator: torch.Generator,
+                    max_swaps: int, tries: int = 20) -> list[int]:
+    """Level-switch under a time budget: one sublayer up a level, others down until the budget holds again.
+
+    Levels are ordered by cost (index 0 cheapest); the child never exceeds the budget.
+    """
+    child = list(state)
+    draws = torch.randint(1, max_swaps + 1, (2,), generator=generator)
+    for _ in range(int(draws.min())):
+        up = [i for i, j in enumerate(child) if j + 1 < len(costs[i])]
+        if not up:
+            break
+        a = up[int(torch.randint(len(up), (1,), generator=generator))]
+        trial = list(child)
+        trial[a] += 1
+        for _ in range(tries):
+            total = sum(costs[i][j] for i, j in enumerate(trial))
+            if total <= budget:
+                break
+            down = [i for i, j in enumerate(trial) if j > 0 and i != a]
+            if not down:
+                break
+            b = down[int(torch.randint(len(down), (1,), generator=generator))]
+            trial[b] -= 1
+        if sum(costs[i][j] for i, j in enumerate(trial)) <= budget:
+            child = trial
+    return child
+
+
+def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_speedup: float, database, *,
+                     settings: EvoPressSettings | None = None, batch_size: int = 4, progress: bool = True
+                     ) -> tuple[list[int], list, dict[str, Any]]:
+    """EvoPress over ZipLM's levels: one level per attention / MLP, total table time within the budget
+    for ``target_speedup``, minimizing KL to the dense model; starts from ZipLM's DP choice.
+
+    Returns (chosen level index per item, the items, search info).
+    """
+    from .ziplm.search import Stitcher, budget_for, dp_select, items_from, predicted_ms
+
+    settings = settings or EvoPressSettings()
+    items = items_from(database, table)
+    order = [sorted(range(len(item.keys)), key=lambda j: item.costs[j]) for item in items]  # cheapest first
+    costs = [tuple(item.costs[j] for j in o) for item, o in zip(items, order)]
+    budget = budget_for(target_speedup, items, table)
+    start = dp_select(items, budget)
+    initial = [o.index(j) for o, j in zip(order, start)]
+    s = settings.resolved(kept=len(items), dropped=4, available_windows=input_ids.shape[0])
+    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    stitcher = Stitcher(model, database)
+
+    def picked(state: list[int]) -> list[int]:
+        return [o[j] for o, j in zip(order, state)]
+
+    def fitness(state: list[int], step: int) -> float:
+        return scorers[step](stitcher.build(items, picked(state)))
+
+    run_key = fingerprint("evopress-structure", input_ids, target_speedup, table.to_dict(),
+                          asdict(s) | {"generations": None, "state_file": None})
+    result = evolve(initial, lambda st, g: budget_mutation(st, costs, budget, g, s.max_swaps), fitness, s,
+                    run_key=run_key, progress=progress, description=f"EvoPress structure {target_speedup:g}x")
+    chosen = picked(result.state)
+    info = {"method": "evopress", "target": "structure", "target_speedup": target_speedup,
+            "predicted_speedup": round(table.dense_ms / predicted_ms(items, chosen, table), 4),
+            "fitness": result.fitness, "start_fitness": result.initial_fitness,
+            "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else "relative output error",
+            "generations": result.generations, "offspring": s.offspring, "survivors": s.survivors,
+            "tokens": [w * input_ids.shape[1] for w in s.windows], "evaluations": result.evaluations, "seed": s.seed,
+            "start": "ziplm dp", "history": [round(h, 6) for h in result.history]}
+    return chosen, items, info
+
+
 __all__ = ["EvoPressSettings", "SearchResult", "DepthSearchResult", "evolve", "swap_mutation", "search_depth",
-           "dropped_sublayers"]
+           "dropped_sublayers", "budget_mutation", "search_structure"]

@@ -23,12 +23,14 @@ from .modeling.pruning_config import PruningConfig
 from .modeling.surgery import apply_structure, current_structure
 from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
-from .evopress import EvoPressSettings, search_depth
+from .evopress import EvoPressSettings, search_depth, search_structure
 from .ziplm.family import ZipLMFamily
 from .ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_model_ms, model_signature
 from .ziplm.gradual import FinetuneSettings, run_gradual
 from .ziplm.method import ZipLMSettings, run_ziplm
-from .ziplm.search import check_targets
+from .ziplm.database import build_database
+from .ziplm.method import _levels
+from .ziplm.search import Stitcher, check_targets
 
 logger = logging.get_logger(__name__)
 
@@ -130,6 +132,10 @@ class Pruner(CompressionSession):
                 raise ValueError("LayerChop removes whole blocks: pass num_layers= (how many, e.g. 8)")
             return self._layerchop(num_layers, strategy, options, dict(strategy_options or {}))
         if method == "evopress":
+            if target == "structure":
+                return self._evopress_structure(target_speedup, evopress, options, latency=latency,
+                                                latency_table=latency_table, measure=measure_speedup,
+                                                dampening=dampening)
             return self._evopress(target, num_layers, drop_ratio, evopress, options)
         if finetune is not None:
             raise ValueError("finetune= is gradual ZipLM's (pruning steps alternating with fine-tuning); "
@@ -279,7 +285,8 @@ class Pruner(CompressionSession):
         """EvoPress depth search (attention and MLP sublayers independently), then the drops applied."""
         if target != "depth":
             raise ValueError(f"EvoPress target {target!r} is not available; choose target='depth' (attention and "
-                             "MLP sublayers dropped independently, with drop_ratio= or num_layers=)")
+                             "MLP sublayers dropped independently, with drop_ratio= or num_layers=) or "
+                             "target='structure' (ZipLM levels under a measured latency budget, with target_speedup=)")
         if (num_layers is None) == (drop_ratio is None):
             raise ValueError("EvoPress depth needs exactly one of drop_ratio= (e.g. 0.25) and num_layers= (blocks' "
                              "worth of sublayers, e.g. 8)")
@@ -298,6 +305,41 @@ class Pruner(CompressionSession):
         metrics = dict(self.pruning_config.metrics or {})
         metrics.update(search_seconds=round(time.perf_counter() - start, 2))
         self._record(method="evopress", search=result.info, calibration=calib_info, metrics=metrics)
+        return self.model
+
+    def _evopress_structure(self, target_speedup, settings, options: RunOptions, *, latency, latency_table,
+                            measure: bool, dampening: float) -> PreTrainedModel:
+        """EvoPress over ZipLM's levels under the measured latency budget (starts from ZipLM's DP choice)."""
+        if not isinstance(target_speedup, (int, float)) or not target_speedup > 0:
+            raise ValueError("EvoPress target='structure' needs one target_speedup (e.g. 2.0)")
+        if isinstance(settings, dict):
+            settings = EvoPressSettings(**settings)
+        start = time.perf_counter()
+        table = self._latency_table(latency, latency_table, options)
+        check_targets([float(target_speedup)], table)
+        ids, calib_info = self.calibration_data(options)
+        key = (tuple(sorted(table.mlp)), dampening)
+        if self._ziplm_key is not None and self._ziplm_key[0] is ids and self._ziplm_key[1] == key:
+            database = self.ziplm_database
+        else:
+            database = build_database(self.model, ids, mlp_kept=sorted(table.mlp), dampening=dampening,
+                                      options=options.sequential("ZipLM level database"))
+            self.ziplm_database, self._ziplm_key = database, (ids, key)
+        chosen, items, info = search_structure(self.model, ids, table, float(target_speedup), database,
+                                               settings=settings, batch_size=min(options.batch_size, 4),
+                                               progress=options.progress)
+        stitcher = Stitcher(self.model, database)
+        dense_ms = measure_model_ms(self.model, table.environment) if measure else None
+        self.model = stitcher.build(items, chosen)
+        self._adopt_pruned_class()
+        pruned_ms = measure_model_ms(self.model, table.environment) if measure else None
+        levels = {str(k): v for k, v in _levels(items, chosen).items()}
+        metrics = {"predicted_speedup": info["predicted_speedup"], "dense_ms": dense_ms, "pruned_ms": pruned_ms,
+                   "search_seconds": round(time.perf_counter() - start, 2)}
+        self._record(method="evopress", target_speedup=float(target_speedup),
+                     measured_speedup=round(dense_ms / pruned_ms, 4) if measure else None,
+                     latency_environment=table.environment.to_dict(), calibration=calib_info, metrics=metrics,
+                     search={**info, "levels": levels})
         return self.model
 
     def _finetune_settings(self, finetune: dict[str, Any], options: RunOptions) -> FinetuneSettings:

@@ -151,3 +151,42 @@ def test_cli_evopress_depth(tmp_path, capsys):
     config = json.loads((tmp_path / "out" / "config.json").read_text())["pruning_config"]
     assert config["method"] == "evopress" and len(config["drop_attention"]) == 1 == len(config["drop_mlp"])
     assert main(args[:-2] + ["--target", "depth", "--drop-ratio", "0.99", "--output", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_budget_mutation_never_exceeds_the_budget(seed):
+    from optimum_prune.evopress import budget_mutation
+
+    g = torch.Generator().manual_seed(seed)
+    costs = [tuple(sorted(torch.rand(5, generator=g).tolist())) for _ in range(8)]
+    budget = sum(c[2] for c in costs)
+    state = [2] * 8
+    moved = 0
+    for _ in range(200):
+        child = budget_mutation(state, costs, budget, g, max_swaps=3)
+        assert sum(costs[i][j] for i, j in enumerate(child)) <= budget + 1e-12
+        moved += child != state
+        state = child
+    assert moved > 50
+
+
+def test_evopress_structure_search_stays_within_the_latency_budget(tmp_path):
+    import transformers
+    from test_ziplm import proportional_table
+
+    from optimum_prune import Pruner
+
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    table = proportional_table(pruner.model)
+    pruned = pruner.prune(method="evopress", target="structure", target_speedup=1.5, latency_table=table,
+                          calibration=CALIB, progress=False, evopress=dict(FAST, generations=3))
+    config = pruner.pruning_config
+    assert config.method == "evopress" and config.search["target"] == "structure"
+    assert config.search["predicted_speedup"] >= 1.5 * (1 - 1e-9)
+    assert config.search["fitness"] <= config.search["start_fitness"] + 1e-12  # never worse than ZipLM's DP start
+    assert config.measured_speedup is not None and config.remove_neurons
+    pruner.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded), outputs(pruned), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one target_speedup"):
+        Pruner(FAMILIES["llama-gqa"].build()).prune(method="evopress", target="structure", latency_table=table)
