@@ -243,6 +243,12 @@ class Pruner(CompressionSession):
         check_targets(targets, table)
         tuning = self._finetune_settings(finetune, options) if finetune is not None else None
         ids, calib_info = self.calibration_data(options)
+        env = table.environment
+        dense_ms = measure_model_ms(self.model, env) if measure else None
+
+        def speedup_of(model) -> float:
+            return dense_ms / measure_model_ms(model, env)
+
         if tuning is not None:
             outcomes = run_gradual(self.model, ids, targets, table, tuning, settings=settings,
                                    options=options.sequential("ZipLM"))
@@ -253,18 +259,19 @@ class Pruner(CompressionSession):
             if self._ziplm_key is not None and self._ziplm_key[0] is ids and self._ziplm_key[1] == key:
                 reuse = self.ziplm_database
             outcomes, database = run_ziplm(self.model, ids, targets, table, settings=settings,
-                                           options=options.sequential("ZipLM"), database=reuse)
+                                           options=options.sequential("ZipLM"), database=reuse,
+                                           measure=speedup_of if measure else None)
             self.ziplm_database = database
             self._ziplm_key = (ids, key)
-        env = table.environment
-        dense_ms = measure_model_ms(self.model, env) if measure else None
         family = ZipLMFamily()
         for target, outcome in outcomes.items():
             member = Pruner(outcome.model, self.tokenizer, base_model=self.base_model)
             member._calibration_cache = self._calibration_cache
             member._adopt_pruned_class()
-            pruned_ms = measure_model_ms(outcome.model, env) if measure else None
-            measured = round(dense_ms / pruned_ms, 4) if measure else None
+            speed = outcome.measured_speedup if outcome.measured_speedup is not None else \
+                (speedup_of(outcome.model) if measure else None)
+            pruned_ms = dense_ms / speed if speed else None
+            measured = round(speed, 4) if speed else None
             metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
                        "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
                        "level_database_mib": round(database.nbytes() / 2**20, 2) if database else None,

@@ -22,7 +22,7 @@ from ..engine.sequential import SequentialOptions
 from ..modeling.surgery import apply_structure
 from .masking import structure_masks
 from .database import build_database
-from .method import CalibrationScorer, ZipLMOutcome, ZipLMSettings, _levels
+from .method import CalibrationScorer, ZipLMOutcome, ZipLMSettings, _levels, sensitivity
 from .search import Item, Stitcher, budget_for, check_targets, items_from, predicted_ms, refine
 
 logger = logging.get_logger(__name__)
@@ -93,8 +93,9 @@ def run_gradual(model: nn.Module, input_ids: torch.Tensor, targets: list[float],
             candidate = stitcher.build(items, picked, physical=False)
             return scorer(candidate)
 
+        coefficients = sensitivity(student, items, stitcher, database, input_ids, settings, options)
         result = refine(items, budget, score, iterations=settings.search_iterations, seed=settings.seed + step,
-                        resolution=settings.resolution)
+                        resolution=settings.resolution, initial=coefficients)
         structure = stitcher.structure(items, result.picked)
         student = stitcher.build(items, result.picked, physical=False)
         masks = structure_masks(student, structure)

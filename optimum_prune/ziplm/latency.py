@@ -447,7 +447,7 @@ def measure_latency_table(
     mlp: dict[int, float] = {}
     try:
         with _pinned_threads(env.threads), torch.no_grad():
-            block_timer = _BlockTimer(model, adapter, env, ids, timing)
+            block_timer = _StackTimer(model, adapter, env, ids, timing, min(num_layers, STACK_DEPTH))
             base = block_timer.time(PruningConfig(drop_attention=[0], drop_mlp=[0]))
             bar.update(1)
             for g, q in attention_levels:
@@ -469,6 +469,13 @@ def measure_latency_table(
         logger.warning("%d sublayer time(s) came out negative (timing noise: the sublayer is too small to time "
                        "here) and were set to %g ms: %s. More repeats or a longer seq_len give steadier numbers.",
                        len(clamped), MIN_MS, ", ".join(clamped))
+    mlp = monotone(mlp, sorted(mlp))
+    G, R = dims.num_kv_heads, dims.heads_per_group
+    for _ in range(2):  # more query heads per group, or more groups, never cost less
+        for g in range(1, G + 1):
+            attention.update(monotone(attention, [(g, q) for q in range(1, R + 1)]))
+        for q in range(1, R + 1):
+            attention.update(monotone(attention, [(g, q) for g in range(1, G + 1)]))
     per_layer = attention[attention_levels[-1]] + mlp[grid[-1]]
     rest = dense_ms - num_layers * per_layer
     if rest < 0:
@@ -574,6 +581,71 @@ def _median_ms(run: Callable[[], Any], *, repeats: int, warmup: int, device: tor
         if i >= warmup:
             times.append(elapsed)
     return statistics.median(times)
+
+
+STACK_DEPTH = 16
+"""Blocks timed together (fewer if the model has fewer): in context, weights stream as in the full model."""
+TABLE_METHOD = "stack-v2"
+"""How tables are measured; part of the cache key, so tables measured another way are not reused."""
+
+
+def _everywhere(template: PruningConfig, depth: int) -> PruningConfig:
+    """The structure ``template`` gives block 0, applied to every one of ``depth`` blocks."""
+    heads, neurons = template.remove_heads.get(0), template.remove_neurons.get(0)
+    return PruningConfig(remove_heads={i: list(heads) for i in range(depth)} if heads else {},
+                         remove_neurons={i: list(neurons) for i in range(depth)} if neurons else {},
+                         drop_attention=list(range(depth)) if 0 in template.drop_attention else [],
+                         drop_mlp=list(range(depth)) if 0 in template.drop_mlp else [])
+
+
+class _StackTimer:
+    """Times a stack of blocks (a random copy ``depth`` blocks deep, the same structure in every block), per block.
+
+    One block timed alone keeps its weights in cache and runs faster than it does inside the model;
+    a stack streams them as the full model does, so sublayer times add up the way they do in context.
+    """
+
+    def __init__(self, model: PreTrainedModel, adapter: ArchitectureAdapter, env: InferenceEnvironment,
+                 ids: torch.Tensor, timing: dict[str, Any], depth: int) -> None:
+        self.model = _random_copy(model, env, num_layers=depth)
+        self.adapter = adapter
+        self.depth = depth
+        self.pristine = [copy.deepcopy(b) for b in adapter.layers(self.model)]
+        self.env, self.ids, self.timing = env, ids, timing
+
+    def time(self, structure: PruningConfig) -> float:
+        """Median ms per block after removing ``structure`` (given for block 0) from every fresh dense block."""
+        layers = self.adapter.layers(self.model)
+        for i, block in enumerate(self.pristine):
+            layers[i] = copy.deepcopy(block)
+        self.model.config.num_hidden_layers = self.depth
+        apply_structure(self.model, _everywhere(structure, self.depth),
+                        current=PruningConfig(num_original_layers=self.depth))
+        base = self.model.base_model
+        if self.env.mode == "prefill":
+            inputs = _forward_inputs(base, self.ids, use_cache=False)
+            return _median_ms(lambda: base(**inputs), **self.timing) / self.depth
+        cache = _prefill_cache(base, self.ids[:, :self.env.seq_len])
+        step = _forward_inputs(base, self.ids[:, self.env.seq_len:], cache=cache, past=self.env.seq_len)
+        return _median_ms(lambda: base(**step), reset=functools.partial(_rewind, cache, self.env.seq_len),
+                          **self.timing) / self.depth
+
+
+def monotone(values: dict, order: Sequence) -> dict:
+    """Pool-adjacent-violators fit: times non-decreasing along ``order`` (more units never cost less)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for key in order:
+        blocks.append([values[key], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted, i = {}, 0
+    for total, count in blocks:
+        for _ in range(int(count)):
+            fitted[order[i]] = total / count
+            i += 1
+    return fitted
 
 
 class _BlockTimer:
@@ -745,7 +817,8 @@ def _cache_identity(model: PreTrainedModel, environment: InferenceEnvironment,
 
 def _cache_path(cache_dir: str | os.PathLike | None, key: str, signature: str, grid: list[int]) -> Path:
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return directory / f"{hashlib.sha256(json.dumps([key, signature, grid]).encode()).hexdigest()[:20]}.json"
+    identity = json.dumps([key, signature, grid, TABLE_METHOD]).encode()
+    return directory / f"{hashlib.sha256(identity).hexdigest()[:20]}.json"
 
 
 def get_latency_table(

@@ -7,7 +7,7 @@ for several speedups costs one calibration pass plus one search per target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,8 +19,8 @@ from ..evaluation import is_causal_lm, kl_to_reference, reference_logprobs
 from ..modeling.pruning_config import PruningConfig
 from ..modeling.surgery import current_structure
 from .database import LevelDatabase, build_database
-from .search import (Item, Stitcher, budget_for, check_targets, dp_select, items_from, predicted_ms, reachable_range,
-                     refine)
+from .search import (Item, Stitcher, budget_for, check_targets, dp_select, items_from, predicted_ms, probe_coefficients,
+                     reachable_range, refine)
 
 logger = logging.get_logger(__name__)
 
@@ -33,12 +33,17 @@ class ZipLMSettings:
     """Randomized refinement steps per target (0: the DP's choice on OBS losses alone)."""
     search_samples: int = 8
     """Calibration windows used to score candidates (KL to the dense model; output error for encoders)."""
+    probe_samples: int = 4
+    """Calibration windows for the per-sublayer sensitivity probes (0: no probes, raw coefficients of 1)."""
     top_k: int = 100
     """Top-K KL (bounded memory for large vocabularies)."""
     resolution: int = 2000
     """Time grid of the DP."""
     dampening: float = 0.01
     seed: int = 0
+    speedup_tolerance: float = 0.03
+    """With a measuring function: re-aim while the measured speedup misses the target by more than this."""
+    max_corrections: int = 3
 
 
 @dataclass
@@ -53,6 +58,7 @@ class ZipLMOutcome:
     estimated_loss: float
     score: float | None
     search: dict[str, Any] = field(default_factory=dict)
+    measured_speedup: float | None = None
 
 
 class CalibrationScorer:
@@ -86,8 +92,14 @@ class CalibrationScorer:
 
 def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], table, *,
               settings: ZipLMSettings | None = None, options: SequentialOptions | None = None,
-              database: LevelDatabase | None = None) -> tuple[dict[float, ZipLMOutcome], LevelDatabase]:
-    """Prune ``model`` (dense, left unchanged) to each target speedup of ``table``; returns the outcomes."""
+              database: LevelDatabase | None = None, measure: Callable[[nn.Module], float] | None = None
+              ) -> tuple[dict[float, ZipLMOutcome], LevelDatabase]:
+    """Prune ``model`` (dense, left unchanged) to each target speedup of ``table``; returns the outcomes.
+
+    ``measure(pruned) -> speedup`` closes the loop: when the measured speedup misses the target by more
+    than ``settings.speedup_tolerance``, the DP is re-solved (same refined coefficients) for a target
+    corrected by the miss, up to ``settings.max_corrections`` times; the closest model is kept.
+    """
     settings = settings or ZipLMSettings()
     options = options or SequentialOptions()
     if not current_structure(model).is_empty:
@@ -104,6 +116,7 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
     score_ids = input_ids[torch.randperm(input_ids.shape[0], generator=generator)[: settings.search_samples]]
     scorer = (CalibrationScorer(model, score_ids, settings.top_k, options.batch_size)
               if settings.search_iterations else None)
+    coefficients = sensitivity(model, items, stitcher, database, input_ids, settings, options)
     outcomes: dict[float, ZipLMOutcome] = {}
     for target in targets:
         budget = budget_for(target, items, table)
@@ -120,21 +133,70 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
             bar.set_postfix(score=f"{best:.4g}")
 
         result = refine(items, budget, score, iterations=settings.search_iterations, seed=settings.seed,
-                        resolution=settings.resolution, progress=tick)
+                        resolution=settings.resolution, progress=tick, initial=coefficients)
         bar.close()
-        pruned = stitcher.build(items, result.picked)
-        structure = stitcher.structure(items, result.picked)
-        levels = _levels(items, result.picked)
-        estimated = sum(item.losses[j] for item, j in zip(items, result.picked))
-        predicted = table.dense_ms / predicted_ms(items, result.picked, table)
+        picked, score_value = result.picked, result.score
+        pruned = stitcher.build(items, picked)
+        measured, aims = None, {"aimed_at": [target], "aim": target}
+        if measure is not None:
+            picked, pruned, measured, aims = _hit_measured(target, items, table, stitcher, result, settings,
+                                                           measure, pruned)
+            if picked != result.picked and scorer is not None:
+                score_value = scorer(pruned)
+        structure = stitcher.structure(items, picked)
+        levels = _levels(items, picked)
+        estimated = sum(item.losses[j] for item, j in zip(items, picked))
+        predicted = table.dense_ms / predicted_ms(items, picked, table)
         search = {"method": "ziplm", "target_speedup": target, "predicted_speedup": round(predicted, 4),
                   "reachable_speedup": [round(low, 3), round(high, 3)], "search_iterations": settings.search_iterations,
-                  "evaluations": result.evaluations, "accepted": result.accepted,
-                  "score": result.score, "score_metric": ("top-%d KL" % settings.top_k) if scorer is not None and
+                  "evaluations": result.evaluations, "accepted": result.accepted, **aims,
+                  "score": score_value, "score_metric": ("top-%d KL" % settings.top_k) if scorer is not None and
                   scorer.causal else "relative output error", "seed": settings.seed}
         logger.info("ZipLM %gx: predicted %.3fx, score %s", target, predicted, result.score)
-        outcomes[target] = ZipLMOutcome(target, pruned, structure, levels, predicted, estimated, result.score, search)
+        outcomes[target] = ZipLMOutcome(target, pruned, structure, levels, predicted, estimated, score_value, search,
+                                        measured)
     return outcomes, database
+
+
+def sensitivity(model: nn.Module, items: list[Item], stitcher: Stitcher, database: LevelDatabase,
+                input_ids: torch.Tensor, settings: ZipLMSettings, options: SequentialOptions) -> list[float] | None:
+    """Probed per-sublayer coefficients (cached in the database for later targets and runs)."""
+    if settings.probe_samples <= 0:
+        return None
+    key = f"coefficients:{settings.probe_samples}:{settings.top_k}"
+    cached = database.info.get(key)
+    if cached is not None and set(cached) == {f"{i.layer}.{i.kind}" for i in items}:
+        return [cached[f"{i.layer}.{i.kind}"] for i in items]
+    probe = CalibrationScorer(model, input_ids[: settings.probe_samples], settings.top_k, options.batch_size)
+    bar = tqdm(total=len(items), desc="ZipLM sensitivity probes", disable=not options.progress)
+    values = probe_coefficients(items, stitcher, probe, progress=lambda i: bar.update(1))
+    bar.close()
+    database.info[key] = {f"{i.layer}.{i.kind}": v for i, v in zip(items, values)}
+    return values
+
+
+def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, result, settings: ZipLMSettings,
+                  measure: Callable[[nn.Module], float], pruned: nn.Module):
+    """Measure; while off by more than the tolerance, re-aim the DP by the miss. Keeps the closest model."""
+    low, high = reachable_range(table)
+    picked, aim = result.picked, target
+    speed = measure(pruned)
+    best = (abs(speed / target - 1), picked, pruned, speed, aim)
+    aims = [aim]
+    for _ in range(settings.max_corrections):
+        if best[0] <= settings.speedup_tolerance:
+            break
+        aim = min(max(aim * target / speed, low), high)  # measured faster than aimed: aim lower, and vice versa
+        aims.append(aim)
+        choice = dp_select(items, table.dense_ms / aim - table.rest_ms, result.coefficients, settings.resolution)
+        if choice == picked:
+            break
+        picked = choice
+        candidate = stitcher.build(items, picked)
+        speed = measure(candidate)
+        if abs(speed / target - 1) < best[0]:
+            best = (abs(speed / target - 1), picked, candidate, speed, aim)
+    return best[1], best[2], best[3], {"aimed_at": [round(a, 4) for a in aims], "aim": best[4]}
 
 
 def _levels(items: list[Item], picked: list[int]) -> dict[int, dict[str, Any]]:

@@ -201,12 +201,37 @@ class SearchResult:
     accepted: int
 
 
+def probe_coefficients(items: list[Item], stitcher: "Stitcher", score: Callable[[nn.Module], float],
+                       progress: Callable[[int], None] | None = None) -> list[float]:
+    """Per sublayer, the calibration score a unit of its (normalized) OBS loss costs the whole model.
+
+    Each sublayer alone is cut to about half its time (the rest dense) and the stitched model scored:
+    coefficient = score / estimated loss. Layer-wise losses ignore how errors grow or fade on the way
+    to the output; one measured point per sublayer puts them on the model's own scale.
+    """
+    full = [len(item.keys) - 1 for item in items]  # keys are sorted by units: the last is the dense level
+    out = []
+    for i, item in enumerate(items):
+        half = max(item.costs) / 2
+        partial = [j for j in range(len(item.keys) - 1) if item.keys[j] not in ((0, 0), 0)] or [0]
+        j = min(partial, key=lambda j: abs(item.costs[j] - half))
+        picked = list(full)
+        picked[i] = j
+        value = score(stitcher.build(items, picked))
+        out.append(max(value, 0.0) / max(item.losses[j], 1e-12) if item.losses[j] > 0 else 0.0)
+        if progress is not None:
+            progress(i)
+    positive = [c for c in out if c > 0]
+    floor = min(positive) if positive else 1.0
+    return [c if c > 0 else floor for c in out]
+
+
 def refine(items: list[Item], budget: float, score: Callable[[list[int]], float], *, iterations: int, seed: int,
-           sigma: float = 0.5, resolution: int = 2000, progress: Callable[[int, float], None] | None = None
-           ) -> SearchResult:
-    """SPDY-style randomized search over per-item loss coefficients; every candidate is scored by ``score``."""
+           sigma: float = 0.5, resolution: int = 2000, progress: Callable[[int, float], None] | None = None,
+           initial: list[float] | None = None) -> SearchResult:
+    """SPDY-style randomized search over per-item loss coefficients (from ``initial``, default 1) scored by ``score``."""
     generator = torch.Generator().manual_seed(seed)
-    coefficients = [1.0] * len(items)
+    coefficients = list(initial) if initial is not None else [1.0] * len(items)
     picked = dp_select(items, budget, coefficients, resolution)
     if iterations <= 0:
         return SearchResult(picked, None, coefficients, 0, 0)
