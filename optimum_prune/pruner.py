@@ -60,6 +60,7 @@ class Pruner(CompressionSession):
         search_iterations: int = 30,
         search_samples: int = 8,
         measure_speedup: bool = True,
+        speedup_tolerance: float = 0.03,
         finetune: dict[str, Any] | None = None,
         schedule: str = "uniform",
         schedule_options: dict[str, Any] | None = None,
@@ -87,7 +88,8 @@ class Pruner(CompressionSession):
         model staying dense. Speedups refer to a latency table measured in ``latency`` (an
         ``InferenceEnvironment`` or its fields as a dict; default: this device and dtype, batch 1 x 512
         tokens, prefill), cached and reused; or pass ``latency_table`` (a table or its JSON file). The
-        achieved speedup is measured after pruning (``measure_speedup``) and recorded. ``finetune``
+        achieved speedup is measured after pruning (``measure_speedup``) and recorded; a miss larger than
+        ``speedup_tolerance`` re-aims the search at a corrected target (up to 3 times). ``finetune``
         switches to gradual ZipLM: pruning steps alternate with fine-tuning by token-level distillation
         from the dense model (transformers Trainer): ``dict(train_dataset=<text file, strings, Dataset
         or token ids>, max_steps=100, stages=3, alpha=1.0, learning_rate=..., num_samples=..., ...)``.
@@ -120,7 +122,8 @@ class Pruner(CompressionSession):
                                  "`n_m` belong to method='sparsegpt' / 'wanda' / 'magnitude'")
             return self._ziplm(target_speedup, options, latency=latency, latency_table=latency_table,
                                settings=ZipLMSettings(search_iterations=search_iterations,
-                                                      search_samples=search_samples, dampening=dampening, seed=seed),
+                                                      search_samples=search_samples, dampening=dampening, seed=seed,
+                                                      speedup_tolerance=speedup_tolerance),
                                measure=measure_speedup, finetune=finetune)
         if method == "layerchop":
             stray = [name for name, value in (("target_speedup", target_speedup), ("sparsity", sparsity), ("n_m", n_m),

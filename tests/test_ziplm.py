@@ -190,6 +190,13 @@ def test_dp_never_exceeds_the_budget_and_is_near_optimal(seed):
     assert got <= brute_force(items, budget * (1 - 2e-3)) + 1e-9  # optimal up to the time grid
 
 
+def test_dp_with_no_time_left_removes_every_sublayer():
+    items = [Item(0, "attention", ((0, 0), (1, 1)), (0.0, 1.0), (5.0, 0.0)), Item(0, "mlp", (0, 8), (0.0, 2.0), (3.0, 0.0))]
+    assert dp_select(items, 0.0) == [0, 0]
+    with pytest.raises(UnreachableTargetError):
+        dp_select([Item(0, "mlp", (4, 8), (1.0, 2.0), (1.0, 0.0))], 0.0)
+
+
 def test_unreachable_target_names_the_reachable_range():
     items = [Item(0, "mlp", (0, 10), (0.0, 4.0), (1.0, 0.0))]
 
@@ -232,16 +239,16 @@ def test_family_meets_predicted_targets_and_reloads_with_identical_logits(family
     dense_logits = outputs(model)
     pruner = Pruner(model)
     table = proportional_table(model)
+    # tiny models time as noise: measure, but do not re-aim on it (re-aiming is tested with a fake clock below)
     family_models = pruner.prune(target_speedup=[1.25, 2.0], latency_table=table, calibration=CALIB, batch_size=4,
-                                 search_iterations=4, search_samples=4, progress=False)
+                                 search_iterations=4, search_samples=4, progress=False, speedup_tolerance=math.inf)
     assert sorted(family_models) == [1.25, 2.0]
     torch.testing.assert_close(outputs(pruner.model), dense_logits)  # a list of targets leaves the Pruner dense
     sizes = []
     for target, member in family_models.items():
         config = member.pruning_config
         assert config.method == "ziplm" and config.target_speedup == target
-        # the DP never exceeds the budget of the speedup it aimed at (the target, re-aimed by measured misses)
-        assert config.search["predicted_speedup"] >= config.search["aim"] * (1 - 1e-6)
+        assert config.search["predicted_speedup"] >= target * (1 - 1e-9)  # the DP never exceeds the budget
         assert config.measured_speedup is not None and config.measured_speedup > 0
         assert config.latency_environment["seq_len"] == 16
         sizes.append(sum(p.numel() for p in member.model.parameters()))

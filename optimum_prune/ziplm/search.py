@@ -86,7 +86,12 @@ def dp_select(items: list[Item], budget: float, coefficients: list[float] | None
     if budget < 0:
         raise ValueError("negative time budget")
     coefficients = coefficients or [1.0] * len(items)
-    step = budget / resolution if budget > 0 else 1.0
+    if budget <= 1e-12:  # no time left for any sublayer: only free (removed) levels fit
+        if any(min(item.costs) > 0 for item in items):
+            raise UnreachableTargetError("no combination of levels fits the latency budget")
+        return [min(range(len(item.costs)), key=lambda j: (item.costs[j], coef * item.losses[j]))
+                for item, coef in zip(items, coefficients)]
+    step = budget / resolution
     inf = float("inf")
     best = torch.full((resolution + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
