@@ -648,62 +648,6 @@ def monotone(values: dict, order: Sequence) -> dict:
     return fitted
 
 
-class _BlockTimer:
-    """Times block 0 of a one-block random copy of the model, rebuilt to a given structure each time."""
-
-    def __init__(self, model: PreTrainedModel, adapter: ArchitectureAdapter, env: InferenceEnvironment,
-                 ids: torch.Tensor, timing: dict[str, Any]) -> None:
-        self.model = _random_copy(model, env, num_layers=1)
-        self.adapter = adapter
-        self.pristine = copy.deepcopy(adapter.layers(self.model)[0])
-        self.env, self.ids, self.timing = env, ids, timing
-
-    def time(self, structure: PruningConfig) -> float:
-        """Median ms of the block after removing ``structure`` from a fresh dense block."""
-        layers = self.adapter.layers(self.model)
-        layers[0] = copy.deepcopy(self.pristine)
-        apply_structure(self.model, structure, current=PruningConfig(num_original_layers=1))
-        block = layers[0]
-        args, kwargs, reset = _block_inputs(self.model.base_model, block, self.ids, self.env)
-        return _median_ms(lambda: block(*args, **kwargs), reset=reset, **self.timing)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _block_inputs(base: nn.Module, block: nn.Module, ids: torch.Tensor, env: InferenceEnvironment
-                  ) -> tuple[tuple, dict[str, Any], Callable[[], None] | None]:
-    """(args, kwargs) the model passes to ``block`` in the environment's mode, and how to undo a decode step."""
-    if env.mode == "prefill":
-        args, kwargs = _capture(base, block, _forward_inputs(base, ids, use_cache=False))
-        return args, kwargs, None
-    prefix = ids[:, :env.seq_len]
-    cache = _prefill_cache(base, prefix)
-    args, kwargs = _capture(base, block, _forward_inputs(base, ids[:, env.seq_len:], cache=cache, past=env.seq_len))
-    return args, kwargs, functools.partial(_rewind, cache, env.seq_len)
-
-
-def _capture(base: nn.Module, block: nn.Module, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Run ``base`` until it calls ``block`` and return that call's arguments (the block itself never runs)."""
-    seen: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        seen["args"], seen["kwargs"] = args, dict(kwargs)
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        base(**inputs)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError(f"{type(base).__name__} never called its first block; cannot time it")
-    return seen["args"], seen["kwargs"]
-
-
 def _forward_inputs(module: nn.Module, ids: torch.Tensor, *, cache: Any = None, past: int = 0,
                     use_cache: bool = True) -> dict[str, Any]:
     """Keyword inputs for a forward over ``ids`` after ``past`` cached tokens (all attended)."""
