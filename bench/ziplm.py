@@ -10,8 +10,9 @@ the engine bench's 128 x 512 windows of ``valid.txt`` (seed 0). Perplexity: the 
 - ZipLM (``Pruner.prune(target_speedup=[...])``): one level database, one search per target;
 - uniform structured: the same fraction of heads and FFN neurons removed in every layer, with the same
   OBS-corrected weights (from the same database), at levels whose predicted speedup brackets each target;
-- ShortGPT: the n blocks of lowest block influence dropped, n = 1, 2, ...
-Every speedup is MEASURED (median of repeats, dense model timed in the same run). Baselines are compared
+- ShortGPT: the n blocks of lowest block influence dropped, n = 1, 3, 5, ...
+Every speedup is MEASURED against the dense model in alternating rounds (``measure_speedup``: median of
+per-round ratios, so machine drift cancels). Baselines are compared
 with ZipLM at the same measured speedup by interpolating their perplexity (log scale) between points.
 Results: ``bench/results/ziplm/results.{json,md}`` and ``tradeoff.png``.
 """
@@ -61,7 +62,7 @@ def main() -> int:
     from optimum_prune.modeling.pruning_config import PruningConfig
     from optimum_prune.modeling.surgery import apply_structure
     from optimum_prune.plotting import plot_tradeoff
-    from optimum_prune.ziplm.latency import InferenceEnvironment, get_latency_table, measure_model_ms
+    from optimum_prune.ziplm.latency import InferenceEnvironment, get_latency_table, measure_model_ms, measure_speedup
     from optimum_prune.ziplm.search import Stitcher, items_from, predicted_ms
 
     torch.set_num_threads(args.threads)
@@ -136,7 +137,7 @@ def main() -> int:
     for predicted, fraction, picked in sorted(chosen.values()):
         pruned = stitcher.build(items, picked)
         row = {"fraction_removed": fraction, "predicted_speedup": predicted,
-               "measured_speedup": dense_ms / measure_model_ms(pruned, env, repeats=args.repeats),
+               "measured_speedup": measure_speedup(model, pruned, env).speedup,
                "perplexity": ppl(pruned), "params": params(pruned)}
         rows["uniform"].append(row)
         print(f"uniform {fraction:.3f}: measured {row['measured_speedup']:.3f}x, ppl {row['perplexity']:.2f}", flush=True)
@@ -147,12 +148,12 @@ def main() -> int:
     order = sorted(bi, key=bi.get)
     rows["shortgpt"] = []
     top = max(args.targets)
-    for n in range(1, len(order)):
+    for n in range(1, len(order), 2):
         import copy
 
         pruned = copy.deepcopy(model)
         apply_structure(pruned, PruningConfig(drop_layers=order[:n]))
-        speedup = dense_ms / measure_model_ms(pruned, env, repeats=args.repeats)
+        speedup = measure_speedup(model, pruned, env).speedup
         row = {"blocks_dropped": n, "dropped": sorted(order[:n]), "measured_speedup": speedup,
                "perplexity": ppl(pruned), "params": params(pruned)}
         rows["shortgpt"].append(row)

@@ -292,3 +292,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     code = main(["latency", "--model", str(tmp_path / "missing"), "--cache-dir", str(tmp_path), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_measure_speedup_pairs_dense_and_pruned_rounds(monkeypatch):
+    from optimum_prune import Pruner, PruningConfig
+
+    env = InferenceEnvironment(seq_len=8, threads=1)
+    dense = FAMILIES["llama-gqa"].build()
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruner.apply(PruningConfig(drop_attention=[0, 1]))
+    real = lat.measure_model_ms(dense, env, repeats=2, warmup=1)
+    assert math.isfinite(real) and real > 0
+    # a machine that slows down 10% every call: a one-off dense timing would read the drift as speedup
+    calls = []
+
+    def drifting(model, environment, *, repeats, warmup):
+        calls.append(model)
+        return (1.1 ** len(calls)) * (2.0 if model is dense else 1.0)
+
+    monkeypatch.setattr(lat, "measure_model_ms", drifting)
+    result = lat.measure_speedup(dense, pruner.model, env, rounds=3, repeats=2, warmup=1)
+    assert len(result.round_speedups) == 3 and calls[::2] == [dense] * 3
+    assert result.speedup == pytest.approx(2.0 / 1.1)  # within a round only one step of drift
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        lat.measure_speedup(dense, pruner.model, env, rounds=0)

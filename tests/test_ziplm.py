@@ -435,3 +435,33 @@ def test_sensitivity_probes_give_one_positive_coefficient_per_sublayer_and_seed_
     assert db.info["coefficients:2:20"] == {f"{i.layer}.{i.kind}": c for i, c in zip(items, coefficients)}
     expected = Stitcher(model, database).structure(items, dp_select(items, budget_for(1.5, items, table), coefficients))
     assert outcomes[1.5].structure.remove_neurons == expected.remove_neurons
+
+
+def test_refinement_that_loses_on_held_out_windows_is_dropped():
+    from optimum_prune.ziplm.method import _holdout_check
+    from optimum_prune.ziplm.search import SearchResult
+
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    database = build_database(model, CALIB, mlp_kept=sorted(table.mlp), options=OPTIONS)
+    items = items_from(database, table)
+    budget = budget_for(1.5, items, table)
+    start = dp_select(items, budget)
+    refined = dp_select(items, budget, [1.0 + 10 * (i % 2) for i in range(len(items))])
+    assert refined != start
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    stitcher = Stitcher(model, database)
+    refined_params = params(stitcher.build(items, refined))
+
+    def result():
+        return SearchResult(list(refined), 0.1, [2.0] * len(items), 5, 1, list(start), [1.0] * len(items))
+
+    fits_only_its_windows = result()
+    check = _holdout_check(fits_only_its_windows, items, stitcher,
+                           lambda m: 1.0 if params(m) == refined_params else 0.5)
+    assert check["holdout"]["kept"] == "start" and fits_only_its_windows.picked == start
+    assert fits_only_its_windows.coefficients == [1.0] * len(items) and fits_only_its_windows.score is None
+    holds = result()
+    check = _holdout_check(holds, items, stitcher, lambda m: 0.2 if params(m) == refined_params else 0.5)
+    assert check["holdout"]["kept"] == "refined" and holds.picked == refined
+    assert _holdout_check(result(), items, stitcher, None) == {}

@@ -9,6 +9,7 @@ from .latency import (
     latency_table_path,
     measure_latency_table,
     measure_model_ms,
+    measure_speedup,
     mlp_grid,
     model_signature,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "latency_table_path",
     "measure_latency_table",
     "measure_model_ms",
+    "measure_speedup",
     "mlp_grid",
     "model_signature",
 ]

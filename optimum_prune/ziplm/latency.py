@@ -506,6 +506,38 @@ def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, 
         return _dense_ms(model, env, ids, dict(repeats=repeats, warmup=warmup, device=env.torch_device))
 
 
+@dataclass(frozen=True)
+class SpeedupMeasurement:
+    """A measured speedup and the timings behind it."""
+
+    speedup: float
+    """Median over rounds of (dense ms / pruned ms) within the round."""
+    dense_ms: float
+    pruned_ms: float
+    round_speedups: tuple[float, ...]
+
+
+def measure_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, environment: InferenceEnvironment, *,
+                    rounds: int = 5, repeats: int = 4, warmup: int = 2) -> SpeedupMeasurement:
+    """Speedup of ``pruned`` over ``dense`` in ``environment``, timed in alternating rounds.
+
+    Each round times the dense model, then the pruned one (median of ``repeats``); the speedup is the
+    median of the per-round ratios. A shared machine drifts by 10% over minutes, so timing the dense
+    model once and each pruned model later mistakes drift for speedup; paired rounds cancel it.
+    """
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds}")
+    dense_times, pruned_times, ratios = [], [], []
+    for _ in range(rounds):
+        d = measure_model_ms(dense, environment, repeats=repeats, warmup=warmup)
+        p = measure_model_ms(pruned, environment, repeats=repeats, warmup=warmup)
+        dense_times.append(d)
+        pruned_times.append(p)
+        ratios.append(d / p)
+    return SpeedupMeasurement(statistics.median(ratios), statistics.median(dense_times),
+                              statistics.median(pruned_times), tuple(ratios))
+
+
 def _check_model(model: PreTrainedModel, env: InferenceEnvironment) -> None:
     """A dense model whose inputs fit the environment; errors name the fix."""
     structure = PruningConfig.from_model_config(model.config)
@@ -884,6 +916,8 @@ __all__ = [
     "latency_table_path",
     "measure_latency_table",
     "measure_model_ms",
+    "measure_speedup",
+    "SpeedupMeasurement",
     "mlp_grid",
     "model_signature",
 ]

@@ -113,9 +113,13 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
     low, high = reachable_range(table)
     stitcher = Stitcher(model, database)
     generator = torch.Generator().manual_seed(settings.seed)
-    score_ids = input_ids[torch.randperm(input_ids.shape[0], generator=generator)[: settings.search_samples]]
+    order = torch.randperm(input_ids.shape[0], generator=generator)
+    score_ids = input_ids[order[: settings.search_samples]]
+    holdout_ids = input_ids[order[settings.search_samples: 2 * settings.search_samples]]
     scorer = (CalibrationScorer(model, score_ids, settings.top_k, options.batch_size)
               if settings.search_iterations else None)
+    holdout = (CalibrationScorer(model, holdout_ids, settings.top_k, options.batch_size)
+               if scorer is not None and holdout_ids.shape[0] > 0 else None)
     coefficients = sensitivity(model, items, stitcher, database, input_ids, settings, options)
     outcomes: dict[float, ZipLMOutcome] = {}
     for target in targets:
@@ -135,21 +139,22 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
         result = refine(items, budget, score, iterations=settings.search_iterations, seed=settings.seed,
                         resolution=settings.resolution, progress=tick, initial=coefficients)
         bar.close()
+        check = _holdout_check(result, items, stitcher, holdout)
         picked, score_value = result.picked, result.score
         pruned = stitcher.build(items, picked)
         measured, aims = None, {"aimed_at": [target], "aim": target}
         if measure is not None:
             picked, pruned, measured, aims = _hit_measured(target, items, table, stitcher, result, settings,
                                                            measure, pruned)
-            if picked != result.picked and scorer is not None:
-                score_value = scorer(pruned)
+        if scorer is not None and (score_value is None or picked != result.picked):
+            score_value = scorer(pruned)
         structure = stitcher.structure(items, picked)
         levels = _levels(items, picked)
         estimated = sum(item.losses[j] for item, j in zip(items, picked))
         predicted = table.dense_ms / predicted_ms(items, picked, table)
         search = {"method": "ziplm", "target_speedup": target, "predicted_speedup": round(predicted, 4),
                   "reachable_speedup": [round(low, 3), round(high, 3)], "search_iterations": settings.search_iterations,
-                  "evaluations": result.evaluations, "accepted": result.accepted, **aims,
+                  "evaluations": result.evaluations, "accepted": result.accepted, **check, **aims,
                   "score": score_value, "score_metric": ("top-%d KL" % settings.top_k) if scorer is not None and
                   scorer.causal else "relative output error", "seed": settings.seed}
         logger.info("ZipLM %gx: predicted %.3fx, score %s", target, predicted, result.score)
@@ -173,6 +178,26 @@ def sensitivity(model: nn.Module, items: list[Item], stitcher: Stitcher, databas
     bar.close()
     database.info[key] = {f"{i.layer}.{i.kind}": v for i, v in zip(items, values)}
     return values
+
+
+def _holdout_check(result, items: list[Item], stitcher: Stitcher, holdout: CalibrationScorer | None
+                   ) -> dict[str, Any]:
+    """Keep the refinement only if it also beats the DP's start on windows it was not scored on.
+
+    Refinement accepts whatever scores best on its few windows, so part of its gain is selection on
+    noise; a held-out set of windows catches a refinement that fits the scoring windows only. On a
+    loss, ``result`` is reset in place to the start (choice and coefficients).
+    """
+    if holdout is None or result.accepted == 0 or result.start is None or result.start == result.picked:
+        return {}
+    refined = holdout(stitcher.build(items, result.picked))
+    start = holdout(stitcher.build(items, result.start))
+    kept = "refined" if refined <= start else "start"
+    if kept == "start":
+        logger.info("ZipLM refinement did not hold on held-out windows (%.4g vs %.4g for the DP's start): "
+                    "keeping the start", refined, start)
+        result.picked, result.coefficients, result.score = list(result.start), list(result.start_coefficients), None
+    return {"holdout": {"refined": refined, "start": start, "kept": kept}}
 
 
 def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, result, settings: ZipLMSettings,

@@ -204,6 +204,9 @@ class SearchResult:
     coefficients: list[float]
     evaluations: int
     accepted: int
+    start: list[int] | None = None
+    """The DP's choice on the initial coefficients (before refinement)."""
+    start_coefficients: list[float] | None = None
 
 
 def probe_coefficients(items: list[Item], stitcher: "Stitcher", score: Callable[[nn.Module], float],
@@ -238,8 +241,9 @@ def refine(items: list[Item], budget: float, score: Callable[[list[int]], float]
     generator = torch.Generator().manual_seed(seed)
     coefficients = list(initial) if initial is not None else [1.0] * len(items)
     picked = dp_select(items, budget, coefficients, resolution)
+    start, start_coefficients = list(picked), list(coefficients)
     if iterations <= 0:
-        return SearchResult(picked, None, coefficients, 0, 0)
+        return SearchResult(picked, None, coefficients, 0, 0, start, start_coefficients)
     best = score(picked)
     seen = {tuple(picked): best}
     evaluations, accepted = 1, 0
@@ -257,4 +261,4 @@ def refine(items: list[Item], budget: float, score: Callable[[list[int]], float]
             accepted += 1
         if progress is not None:
             progress(it, best)
-    return SearchResult(picked, best, coefficients, evaluations, accepted)
+    return SearchResult(picked, best, coefficients, evaluations, accepted, start, start_coefficients)
