@@ -8,7 +8,8 @@ tokens (Top-K KL bounds memory; relative output error for encoders). The search 
 disk after every generation, RNG included, so an interrupted search resumes to the same result.
 
 Search spaces here: depth (attention and MLP sublayers dropped independently, or whole blocks), and
-structure (ZipLM's head / neuron levels per sublayer under a MEASURED latency budget).
+structure (ZipLM's head / neuron levels per sublayer under a MEASURED latency budget); per-Linear
+sparsity and bit-width levels live in ``evopress_levels``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,6 +51,11 @@ class EvoPressSettings:
     seed: int = 0
     state_file: str | os.PathLike | None = None
     """Search state (JSON, rewritten every generation): an interrupted search resumes from it."""
+    level_store: str | os.PathLike | None = None
+    """Sparsity / bit-width targets: directory of the per-Linear level store (built once, then reused);
+    default: under the optimum-prune cache, keyed by model, calibration and levels."""
+    levels: list[float] | None = None
+    """Sparsity / bit-width targets: the levels to store (default: evenly spaced around the target)."""
 
     def resolved(self, kept: int, dropped: int, available_windows: int) -> "EvoPressSettings":
         """Defaults: the paper's depth settings (k(n−k)/1.5 generations × 32 offspring, survivors 2→1 on
@@ -63,8 +69,8 @@ class EvoPressSettings:
         if len(survivors) != len(windows) - 1:
             raise ValueError(f"need one survivors count per selection step but the last: {len(windows) - 1} "
                              f"for windows={windows}, got {survivors}")
-        return EvoPressSettings(generations, offspring, list(survivors), list(windows), self.max_swaps, self.top_k,
-                                self.seed, self.state_file)
+        return replace(self, generations=generations, offspring=offspring, survivors=list(survivors),
+                       windows=list(windows))
 
 
 # --------------------------------------------------------------------------- the evolutionary engine
@@ -222,7 +228,6 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
     s = settings.resolved(kept=(2 if sublayers else 1) * (depth - n), dropped=(2 if sublayers else 1) * n,
                           available_windows=input_ids.shape[0])
     scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
-    units = 2 * depth if sublayers else depth
 
     def sets(state: list[int]) -> tuple[set[int], set[int]]:
         if sublayers:

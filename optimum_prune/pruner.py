@@ -24,8 +24,10 @@ from .modeling.surgery import apply_structure, current_structure
 from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
 from .evopress import EvoPressSettings, search_depth, search_structure
+from .evopress_levels import run_level_search
 from .ziplm.family import ZipLMFamily
-from .ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_model_ms, model_signature
+from .ziplm.latency import (InferenceEnvironment, LatencyTable, SpeedupMeasurement, get_latency_table, measure_speedup,
+                            model_signature)
 from .ziplm.gradual import FinetuneSettings, run_gradual
 from .ziplm.method import ZipLMSettings, run_ziplm
 from .ziplm.database import build_database
@@ -109,6 +111,8 @@ class Pruner(CompressionSession):
         (independently: ``drop_ratio`` or ``num_layers`` blocks' worth of each) by EvoPress, minimizing
         KL to the dense model on the calibration windows; ``evopress`` holds the search settings
         (``EvoPressSettings`` or its fields; ``state_file`` makes the search resumable).
+        ``target="sparsity"`` gives every block Linear its own SparseGPT sparsity (levels 5% apart, average
+        exactly ``sparsity``), searched over a level store built once (``evopress=dict(level_store=dir)``).
         """
         method = method or ("ziplm" if target_speedup is not None else
                             "layerchop" if num_layers is not None else "sparsegpt")
@@ -139,6 +143,8 @@ class Pruner(CompressionSession):
                 return self._evopress_structure(target_speedup, evopress, options, latency=latency,
                                                 latency_table=latency_table, measure=measure_speedup,
                                                 dampening=dampening)
+            if target == "sparsity":
+                return self._evopress_sparsity(sparsity, evopress, options, dampening=dampening, blocksize=blocksize)
             return self._evopress(target, num_layers, drop_ratio, evopress, options)
         if finetune is not None:
             raise ValueError("finetune= is gradual ZipLM's (pruning steps alternating with fine-tuning); "
@@ -247,10 +253,11 @@ class Pruner(CompressionSession):
         tuning = self._finetune_settings(finetune, options) if finetune is not None else None
         ids, calib_info = self.calibration_data(options)
         env = table.environment
-        dense_ms = measure_model_ms(self.model, env) if measure else None
+        timings: dict[int, SpeedupMeasurement] = {}
 
         def speedup_of(model) -> float:
-            return dense_ms / measure_model_ms(model, env)
+            timings[id(model)] = measure_speedup(self.model, model, env)
+            return timings[id(model)].speedup
 
         if tuning is not None:
             outcomes = run_gradual(self.model, ids, targets, table, tuning, settings=settings,
@@ -273,7 +280,8 @@ class Pruner(CompressionSession):
             member._adopt_pruned_class()
             speed = outcome.measured_speedup if outcome.measured_speedup is not None else \
                 (speedup_of(outcome.model) if measure else None)
-            pruned_ms = dense_ms / speed if speed else None
+            timing = timings.get(id(outcome.model))
+            dense_ms, pruned_ms = (timing.dense_ms, timing.pruned_ms) if timing else (None, None)
             measured = round(speed, 4) if speed else None
             metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
                        "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
@@ -295,8 +303,10 @@ class Pruner(CompressionSession):
         """EvoPress depth search (attention and MLP sublayers independently), then the drops applied."""
         if target != "depth":
             raise ValueError(f"EvoPress target {target!r} is not available; choose target='depth' (attention and "
-                             "MLP sublayers dropped independently, with drop_ratio= or num_layers=) or "
-                             "target='structure' (ZipLM levels under a measured latency budget, with target_speedup=)")
+                             "MLP sublayers dropped independently, with drop_ratio= or num_layers=), "
+                             "target='sparsity' (per-Linear SparseGPT levels, with sparsity=) or "
+                             "target='structure' (ZipLM levels under a measured latency budget, with target_speedup=); "
+                             "per-Linear bit-widths are Quantizer.quantize(method='evopress', average_bits=...)")
         if (num_layers is None) == (drop_ratio is None):
             raise ValueError("EvoPress depth needs exactly one of drop_ratio= (e.g. 0.25) and num_layers= (blocks' "
                              "worth of sublayers, e.g. 8)")
@@ -315,6 +325,31 @@ class Pruner(CompressionSession):
         metrics = dict(self.pruning_config.metrics or {})
         metrics.update(search_seconds=round(time.perf_counter() - start, 2))
         self._record(method="evopress", search=result.info, calibration=calib_info, metrics=metrics)
+        return self.model
+
+    def _evopress_sparsity(self, sparsity: Any, settings: EvoPressSettings | dict[str, Any] | None,
+                           options: RunOptions, *, dampening: float, blocksize: int) -> PreTrainedModel:
+        """EvoPress over per-Linear SparseGPT levels at an exact average sparsity (level store built once)."""
+        if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+            raise ValueError(f"EvoPress target='sparsity' needs one average sparsity in (0, 1), e.g. sparsity=0.7; "
+                             f"got {sparsity!r}")
+        if isinstance(settings, dict):
+            settings = EvoPressSettings(**settings)
+        start = time.perf_counter()
+        ids, calib_info = self.calibration_data(options)
+        _, info, store = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,
+                                          options.sequential("EvoPress sparsity"), dampening=dampening,
+                                          blocksize=blocksize)
+        per_layer: dict[str, list[tuple[int, float]]] = {}
+        for unit, path_levels in ((u, info["levels"][str(u.layer)]) for u in store.units):
+            per_layer.setdefault(str(unit.layer), []).append((unit.numel, path_levels[unit.path]))
+        layer_sparsity = {k: round(sum(n * v for n, v in pairs) / sum(n for n, _ in pairs), 6)
+                          for k, pairs in per_layer.items()}
+        metrics = dict(self.pruning_config.metrics or {})
+        metrics.update(sparsity=round(zero_fraction(self.model), 5), level_store_mib=info["level_store_mib"],
+                       model_mib=info["model_mib"], compression_seconds=round(time.perf_counter() - start, 2))
+        self._record(method="evopress", layer_sparsity=layer_sparsity, search=info, calibration=calib_info,
+                     metrics=metrics)
         return self.model
 
     def _evopress_structure(self, target_speedup, settings, options: RunOptions, *, latency, latency_table,
@@ -339,15 +374,16 @@ class Pruner(CompressionSession):
                                                settings=settings, batch_size=min(options.batch_size, 4),
                                                progress=options.progress)
         stitcher = Stitcher(self.model, database)
-        dense_ms = measure_model_ms(self.model, table.environment) if measure else None
+        dense = self.model
         self.model = stitcher.build(items, chosen)
         self._adopt_pruned_class()
-        pruned_ms = measure_model_ms(self.model, table.environment) if measure else None
+        timing = measure_speedup(dense, self.model, table.environment) if measure else None
+        dense_ms, pruned_ms = (timing.dense_ms, timing.pruned_ms) if timing else (None, None)
         levels = {str(k): v for k, v in _levels(items, chosen).items()}
         metrics = {"predicted_speedup": info["predicted_speedup"], "dense_ms": dense_ms, "pruned_ms": pruned_ms,
                    "search_seconds": round(time.perf_counter() - start, 2)}
         self._record(method="evopress", target_speedup=float(target_speedup),
-                     measured_speedup=round(dense_ms / pruned_ms, 4) if measure else None,
+                     measured_speedup=round(timing.speedup, 4) if timing else None,
                      latency_environment=table.environment.to_dict(), calibration=calib_info, metrics=metrics,
                      search={**info, "levels": levels})
         return self.model

@@ -14,6 +14,8 @@ from .card import build_model_card
 from .engine.compress import CompressionPlan, QuantRecord, compress_model, uniform
 from .engine.layers import original_layer_indices, zero_fraction
 from .engine.quant import QuantSpec
+from .evopress import EvoPressSettings
+from .evopress_levels import run_level_search
 from .loading import TASKS, task_of_model
 from .packing import FORMAT, check_packable, save_packed
 from .report import summarize
@@ -38,6 +40,9 @@ class Quantizer(CompressionSession):
         self,
         bits: int | dict[int, int] = 4,
         *,
+        method: str = "gptq",
+        average_bits: float | None = None,
+        evopress: EvoPressSettings | dict[str, Any] | None = None,
         group_size: int | None = 128,
         symmetric: bool = True,
         act_order: bool = False,
@@ -58,9 +63,24 @@ class Quantizer(CompressionSession):
         ``bits`` is 2..8 or {original layer index: bits}; ``group_size=None`` is one scale per output
         channel; ``act_order`` processes columns by decreasing Hessian diagonal with static groups (the
         saved format is unchanged). ``sparsity`` prunes with SparseGPT in the same pass.
+
+        ``method="evopress", average_bits=3.0``: every block Linear gets its own bit-width (GPTQ levels
+        stored once, by default floor−1 .. ceil+2 bits), chosen by EvoPress at that exact average
+        (``evopress``: ``EvoPressSettings`` or its fields, e.g. ``level_store``, ``generations``).
         """
         if self.records:
             raise RuntimeError("this model is already quantized; start from the dense model")
+        if method == "evopress":
+            if average_bits is None or sparsity is not None:
+                raise ValueError("EvoPress bit-width search needs average_bits= (e.g. 3.0) and no sparsity=")
+            return self._evopress_bits(float(average_bits), evopress, group_size, symmetric, act_order,
+                                       RunOptions(calibration, num_samples, seq_len, seed, batch_size, device,
+                                                  checkpoint_dir, progress), dampening, blocksize)
+        if method != "gptq":
+            raise ValueError(f"unknown quantization method {method!r}; choose 'gptq' or 'evopress'")
+        if average_bits is not None:
+            raise ValueError("average_bits= is the EvoPress bit-width search's: pass method='evopress' (or bits= for "
+                             "plain GPTQ)")
         layers = original_layer_indices(self.model)
         per_layer_bits = uniform(bits, layers)
         specs = {k: QuantSpec(int(b), group_size, symmetric, act_order) for k, b in per_layer_bits.items()}
@@ -83,6 +103,24 @@ class Quantizer(CompressionSession):
         else:
             fields.update(method=self.pruning_config.method or "gptq")
         self._record(**fields)
+        return self.model
+
+    def _evopress_bits(self, average_bits: float, settings, group_size, symmetric: bool, act_order: bool,
+                       options: RunOptions, dampening: float, blocksize: int) -> PreTrainedModel:
+        """EvoPress over per-Linear GPTQ bit-widths; the chosen codes become this Quantizer's packed records."""
+        if isinstance(settings, dict):
+            settings = EvoPressSettings(**settings)
+        ids, calib_info = self.calibration_data(options)
+        start = time.perf_counter()
+        grid = QuantSpec(4, group_size, symmetric, act_order)
+        state, info, store = run_level_search(self.model, ids, "bits", average_bits, settings,
+                                              options.sequential("EvoPress bits"), quant=grid, dampening=dampening,
+                                              blocksize=blocksize)
+        self.records = {unit.name: store.record(i, level) for i, (unit, level) in enumerate(zip(store.units, state))}
+        metrics = dict(self.pruning_config.metrics or {})
+        metrics.update(average_bits=info["average"], level_store_mib=info["level_store_mib"], model_mib=info["model_mib"],
+                       compression_seconds=round(time.perf_counter() - start, 2))
+        self._record(method="evopress+gptq", search=info, calibration=calib_info, metrics=metrics)
         return self.model
 
     @property

@@ -116,7 +116,9 @@ def test_pruner_evopress_depth_records_the_search_and_reloads(tmp_path):
     from optimum_prune import Pruner
 
     pruner = Pruner(FAMILIES["llama-gqa"].build())
-    with pytest.raises(ValueError, match="target='depth'"):
+    with pytest.raises(ValueError, match="target='depth'.*average_bits"):
+        pruner.prune(method="evopress", target="bits", drop_ratio=0.25)
+    with pytest.raises(ValueError, match="e.g. sparsity=0.7"):
         pruner.prune(method="evopress", target="sparsity", drop_ratio=0.25)
     with pytest.raises(ValueError, match="1 to 3"):
         pruner.prune(method="evopress", target="depth", drop_ratio=0.99)

@@ -1,0 +1,247 @@
+"""EvoPress over per-Linear compression levels: which SparseGPT sparsity, or which GPTQ bit-width, each Linear gets.
+
+The levels come from a ``LevelStore`` (every Linear compressed once at every level). As in the paper's
+code, Linears are grouped by shape and a level switch moves one Linear of a group one level up and
+another of the same group one level down: levels are evenly spaced, so the average sparsity (or bits)
+stays exactly on target. The search starts from the best by fitness of uniform levels and, for
+sparsity, the inverse-Hessian K-means scheduler's allocation (from the store's own OBS losses).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .engine.layers import get_weight, set_weight
+from .engine.level_store import LevelStore, build_level_store, sparsity_levels
+from .engine.quant import QuantSpec
+from .engine.schedule import LayerStatistics, hessian_kmeans
+from .engine.sequential import SequentialOptions, fingerprint
+from .evopress import EvoPressSettings, evolve
+from .ziplm.method import CalibrationScorer
+
+logger = logging.get_logger(__name__)
+
+
+def shape_groups(store: LevelStore) -> list[list[int]]:
+    """Unit indices grouped by weight shape (a level switch inside a group moves a fixed count of weights)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, unit in enumerate(store.units):
+        groups.setdefault(unit.shape, []).append(i)
+    return list(groups.values())
+
+
+def level_mutation(state: list[int], groups: list[list[int]], num_levels: int, generator: torch.Generator,
+                   max_swaps: int) -> list[int]:
+    """Level switch, 1-3 times (min of two uniform draws): in one group, one unit up a level, another down.
+
+    A unit moves at most once per mutation, so switches never undo each other; group sums are unchanged.
+    """
+    child = list(state)
+    touched: set[int] = set()
+    draws = torch.randint(1, max_swaps + 1, (2,), generator=generator)
+    for _ in range(int(draws.min())):
+        options = []
+        for group in groups:
+            free = [u for u in group if u not in touched]
+            downs = [u for u in free if child[u] > 0]
+            ups = [u for u in free if child[u] + 1 < num_levels and any(d != u for d in downs)]
+            if ups:
+                options.append((ups, downs))
+        if not options:
+            break
+        ups, downs = options[int(torch.randint(len(options), (1,), generator=generator))]
+        a = ups[int(torch.randint(len(ups), (1,), generator=generator))]
+        rest = [u for u in downs if u != a]
+        b = rest[int(torch.randint(len(rest), (1,), generator=generator))]
+        child[a] += 1
+        child[b] -= 1
+        touched.update((a, b))
+    return child
+
+
+def round_to_budget(positions: list[float], total: int, num_levels: int) -> list[int]:
+    """Integer levels in [0, num_levels) closest to ``positions`` whose sum is exactly ``total``."""
+    if not 0 <= total <= len(positions) * (num_levels - 1):
+        raise ValueError(f"a sum of {total} is out of reach for {len(positions)} units of {num_levels} levels")
+    levels = [min(max(int(math.floor(p)), 0), num_levels - 1) for p in positions]
+    while sum(levels) != total:
+        up = sum(levels) < total
+        movable = [i for i, lv in enumerate(levels) if (lv + 1 < num_levels if up else lv > 0)]
+        # the unit whose rounding is furthest from its position in the needed direction moves first
+        i = max(movable, key=lambda i: (positions[i] - levels[i]) if up else (levels[i] - positions[i]))
+        levels[i] += 1 if up else -1
+    return levels
+
+
+class StoreLoader:
+    """Loads a state's levels into the model's Linears, touching only the units whose level changed."""
+
+    def __init__(self, model: nn.Module, store: LevelStore) -> None:
+        modules = dict(model.named_modules())
+        missing = [u.name for u in store.units if u.name not in modules]
+        if missing:
+            raise ValueError(f"the level store was built for another model: {missing[:3]} are not in this one")
+        self.store = store
+        self.modules = [modules[u.name] for u in store.units]
+        self.current: list[int | None] = [None] * len(store.units)
+
+    @torch.no_grad()
+    def load(self, state: list[int]) -> None:
+        for i, level in enumerate(state):
+            if self.current[i] != level:
+                module = self.modules[i]
+                set_weight(module, self.store.weight(i, level, get_weight(module).dtype))
+                self.current[i] = level
+
+
+def average(store: LevelStore, state: list[int]) -> float:
+    """Parameter-weighted mean level value (sparsity or bits) of a state."""
+    total = sum(u.numel for u in store.units)
+    return sum(u.numel * store.levels[j] for u, j in zip(store.units, state)) / total
+
+
+def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str, list[int]]:
+    """Starting states with the exact budget: uniform levels, and for sparsity the K-means scheduler's."""
+    values = store.levels
+    n = len(store.units)
+    if store.kind == "sparsity":
+        if not any(abs(v - target) < 1e-6 for v in values):
+            raise ValueError(f"the store's sparsity levels {values} do not include the target {target}")
+        index = min(range(len(values)), key=lambda j: abs(values[j] - target))
+        out = {"uniform": [index] * n}
+        schedule = _scheduler_sparsity(store, target)
+        if schedule is not None:
+            step = values[1] - values[0]
+            state = [0] * n
+            for group in groups:
+                positions = [(schedule[store.units[u].layer] - values[0]) / step for u in group]
+                for u, lv in zip(group, round_to_budget(positions, index * len(group), len(values))):
+                    state[u] = lv
+            out["hessian-kmeans"] = state
+        return out
+    # bits: per group, floor(target) everywhere, then the units that lose most at the lower width go up
+    if not values[0] <= target <= values[-1]:
+        raise ValueError(f"average bits {target} is outside the store's bit-widths {values}")
+    losses = store.info.get("losses")
+    state = [0] * n
+    for group in groups:
+        low = max(j for j in range(len(values)) if values[j] <= target)
+        extra = int(math.floor((target - values[low]) * len(group) / (values[1] - values[0]) + 1e-9)) \
+            if low + 1 < len(values) else 0
+        order = sorted(group, key=lambda u: -(losses[u][low] if losses else 0.0))
+        for rank, u in enumerate(order):
+            state[u] = low + (1 if rank < extra else 0)
+    return {"uniform": state}
+
+
+def _scheduler_sparsity(store: LevelStore, target: float) -> dict[int, float] | None:
+    """The K-means scheduler's per-layer sparsity from the store's SparseGPT losses at the target level."""
+    losses = store.info.get("losses")
+    residual = store.info.get("residual") or {}
+    if not losses:
+        return None
+    index = min(range(len(store.levels)), key=lambda j: abs(store.levels[j] - target))
+    stats: dict[int, LayerStatistics] = {}
+    for unit, unit_losses in zip(store.units, losses):
+        entry = stats.setdefault(unit.layer, LayerStatistics(unit.layer, 0, 0.0, residual=residual.get(str(unit.layer))))
+        entry.params += unit.numel
+        entry.loss += unit_losses[index]
+    normalize = "residual" if all(s.residual for s in stats.values()) else None
+    return hessian_kmeans(stats, target, normalize=normalize).sparsity
+
+
+def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, target: float, *,
+                  settings: EvoPressSettings | None = None, batch_size: int = 4, progress: bool = True
+                  ) -> tuple[list[int], dict[str, Any]]:
+    """EvoPress over the store's levels at average ``target`` (sparsity or bits); the best state is left
+    loaded in ``model``. Returns (level index per unit, search info)."""
+    settings = settings or EvoPressSettings()
+    groups = shape_groups(store)
+    n = len(store.units)
+    if settings.generations is None:
+        settings = EvoPressSettings(**{**asdict(settings), "generations": int(min(400, max(20, n)))})
+    s = settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
+    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    loader = StoreLoader(model, store)
+
+    def fitness(state: list[int], step: int) -> float:
+        loader.load(state)
+        return scorers[step](model)
+
+    starts = seeds(store, target, groups)
+    seed_fitness = {name: fitness(state, len(s.windows) - 1) for name, state in starts.items()}
+    best = min(seed_fitness, key=seed_fitness.get)
+    run_key = fingerprint("evopress-levels", store.info.get("key"), input_ids, target,
+                          asdict(s) | {"generations": None, "state_file": None, "level_store": None})
+    result = evolve(starts[best], lambda st, g: level_mutation(st, groups, len(store.levels), g, s.max_swaps),
+                    fitness, s, run_key=run_key, progress=progress, description=f"EvoPress {store.kind}")
+    loader.load(result.state)
+    levels: dict[str, dict[str, float]] = {}
+    for unit, j in zip(store.units, result.state):
+        levels.setdefault(str(unit.layer), {})[unit.path] = store.levels[j]
+    info = {"method": "evopress", "target": store.kind, "average": round(average(store, result.state), 6),
+            "requested": target, "fitness": result.fitness, "start": best,
+            "seed_fitness": seed_fitness, "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else
+            "relative output error", "generations": result.generations, "offspring": s.offspring,
+            "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
+            "evaluations": result.evaluations, "seed": s.seed, "level_values": store.levels,
+            "units": n, "unit_groups": len(groups), "level_store_mib": round(store.nbytes() / 2**20, 1),
+            "history": [round(h, 6) for h in result.history], "levels": levels}
+    return result.state, info
+
+
+def default_levels(kind: str, target: float) -> list[float]:
+    """Sparsity: 5% steps from target − 30% to target + 20% (at most 95%); bits: floor − 1 .. ceil + 2 within 2..8."""
+    if kind == "sparsity":
+        return sparsity_levels(target)
+    if not 2 <= target <= 8:
+        raise ValueError(f"average_bits must be between 2 and 8, got {target}")
+    return [float(b) for b in range(max(2, math.floor(target) - 1), min(8, math.ceil(target) + 2) + 1)]
+
+
+def store_directory(model: nn.Module, input_ids: torch.Tensor, kind: str, levels: list[float], extra: Any = None
+                    ) -> Path:
+    """Default home of a level store: the optimum-prune cache, keyed by model weights' identity and settings."""
+    from .ziplm.latency import CACHE_ENV_VAR
+
+    root = os.environ.get(CACHE_ENV_VAR)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "optimum_prune"
+    first = next(model.parameters())
+    key = fingerprint(type(model).__name__, model.config.to_json_string(), float(first.float().sum()), input_ids,
+                      kind, levels, extra)
+    return base / "levels" / f"{kind}-{key[:16]}"
+
+
+def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, target: float,
+                     settings: EvoPressSettings | None, options: SequentialOptions, *, quant: QuantSpec | None = None,
+                     dampening: float = 0.01, blocksize: int = 128) -> tuple[list[int], dict[str, Any], LevelStore]:
+    """Build (or reuse) the level store, then search; the chosen levels are left loaded in ``model``."""
+    settings = settings or EvoPressSettings()
+    levels = list(settings.levels) if settings.levels else default_levels(kind, target)
+    directory = Path(settings.level_store) if settings.level_store else \
+        store_directory(model, input_ids, kind, levels, asdict(quant) if quant else None)
+    start = time.perf_counter()
+    store = build_level_store(model, input_ids, directory, kind=kind, levels=levels, quant=quant,
+                              dampening=dampening, blocksize=blocksize, options=options)
+    store_seconds = time.perf_counter() - start
+    state, info = search_levels(model, input_ids, store, target, settings=settings,
+                                batch_size=min(options.batch_size, 4), progress=options.progress)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    info.update(level_store=str(directory), level_store_seconds=round(store_seconds, 1),
+                search_seconds=round(time.perf_counter() - start - store_seconds, 1),
+                model_mib=round(model_bytes / 2**20, 1))
+    logger.info("EvoPress %s: level store %.1f MiB on disk (model %.1f MiB), average %.4g", kind,
+                info["level_store_mib"], info["model_mib"], info["average"])
+    return state, info, store
+
+
+__all__ = ["default_levels", "run_level_search", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "StoreLoader", "average", "seeds", "search_levels"]

@@ -1,0 +1,190 @@
+"""EvoPress over per-Linear sparsity and bit-width levels: the level store, budget-exact switches, save and reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from zoo import FAMILIES, VOCAB
+
+from optimum_prune import Pruner, Quantizer
+from optimum_prune.engine import level_store as ls
+from optimum_prune.engine.layers import get_weight
+from optimum_prune.engine.level_store import LevelStore, build_level_store, sparsity_levels
+from optimum_prune.engine.obs import PruneSpec, compress_weight
+from optimum_prune.engine.quant import QuantSpec
+from optimum_prune.engine.sequential import SequentialOptions
+from optimum_prune.evopress_levels import (StoreLoader, average, level_mutation, round_to_budget, seeds,
+                                           shape_groups)
+
+CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+PROBE = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+OPTIONS = SequentialOptions(batch_size=4, progress=False, device="cpu")
+FAST = dict(generations=3, offspring=4, windows=[2, 4, 8], survivors=[2, 2], seed=0)
+
+
+def logits(model, ids=PROBE):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def recording(monkeypatch):
+    """Record the (weight, Hessian) pairs the store compresses, to recompute the same levels directly."""
+    seen = {}
+    real = ls.compress_weight
+
+    def spy(weight, hessian, **kwargs):
+        seen[weight.data_ptr()] = hessian.clone()
+        return real(weight, hessian, **kwargs)
+
+    monkeypatch.setattr(ls, "compress_weight", spy)
+    return seen
+
+
+def test_sparsity_levels_are_evenly_spaced_and_contain_the_target():
+    levels = sparsity_levels(0.7)
+    assert 0.7 in levels and levels[0] == pytest.approx(0.4) and levels[-1] == pytest.approx(0.9)
+    steps = {round(b - a, 6) for a, b in zip(levels, levels[1:])}
+    assert steps == {0.05}
+    assert sparsity_levels(0.2)[0] == 0.0 and {round(b - a, 6) for a, b in zip(*[sparsity_levels(0.2)] * 2)} == {0}
+
+
+def test_sparsity_store_holds_sparsegpt_levels_compactly_and_is_reused(tmp_path, monkeypatch):
+    model = FAMILIES["llama-gqa"].build()
+    seen = recording(monkeypatch)
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.25, 0.5], options=OPTIONS)
+    modules = dict(model.named_modules())
+    assert len(store.units) == 7 * model.config.num_hidden_layers and len(store.info["losses"]) == len(store.units)
+    for i, unit in enumerate(store.units):
+        dense = get_weight(modules[unit.name])
+        assert torch.equal(store.weight(i, 0), dense.half().float())
+        expected = compress_weight(dense, seen[dense.data_ptr()], prune=PruneSpec(0.5)).weight
+        got = store.weight(i, 2)
+        assert torch.equal(got == 0, expected == 0) and torch.equal(got, expected.half().float())
+        assert store.info["losses"][i][0] == 0 and store.info["losses"][i][2] > store.info["losses"][i][1] > 0
+    numel = sum(u.numel for u in store.units)
+    compact = numel * (2 * (1 + 0.75 + 0.5) + 2 / 8)  # 16-bit kept values of each level + two packed masks
+    assert store.nbytes() < 1.1 * compact + 65536
+    assert not (tmp_path / "s.partial").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a built store is reused, not recompressed")
+
+    monkeypatch.setattr(ls, "compress_weight", fail)
+    again = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.25, 0.5], options=OPTIONS)
+    assert again.units == store.units
+    with pytest.raises(FileExistsError, match="other settings"):
+        build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+
+
+def test_interrupted_store_build_resumes_at_the_first_missing_block(tmp_path, monkeypatch):
+    model = FAMILIES["llama-gqa"].build()
+    reference = build_level_store(model, CALIB, tmp_path / "ref", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    real, calls = ls.compress_weight, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 7 * 2:  # two blocks' worth of Linears, then the machine goes away
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ls, "compress_weight", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    assert not (tmp_path / "s").exists() and len(list((tmp_path / "s.partial").glob("block-*.safetensors"))) == 2
+    calls.clear()
+    monkeypatch.setattr(ls, "compress_weight", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    assert len(calls) == 7 * (model.config.num_hidden_layers - 2)
+    for i in range(len(store.units)):
+        assert torch.equal(store.weight(i, 1), reference.weight(i, 1))
+    assert store.info["losses"] == reference.info["losses"]
+
+
+def test_bits_store_reproduces_gptq_exactly(tmp_path, monkeypatch):
+    model = FAMILIES["llama-gqa"].build()
+    seen = recording(monkeypatch)
+    grid = QuantSpec(4, 16, True, True)
+    store = build_level_store(model, CALIB, tmp_path / "b", kind="bits", levels=[2, 3, 4], quant=grid, options=OPTIONS)
+    modules = dict(model.named_modules())
+    for i, unit in enumerate(store.units):
+        dense = get_weight(modules[unit.name])
+        expected = compress_weight(dense, seen[dense.data_ptr()], quant=QuantSpec(3, 16, True, True))
+        assert torch.equal(store.weight(i, 1), expected.weight)
+        record = store.record(i, 1)
+        assert torch.equal(record.codes, expected.codes) and record.spec == expected.spec
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_level_switch_keeps_every_group_sum_and_the_range(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = [[0, 1, 2, 3], [4, 5], [6]]
+    state = [2, 2, 2, 2, 0, 4, 3]
+    sums = [sum(state[u] for u in grp) for grp in groups]
+    changed = 0
+    for _ in range(300):
+        child = level_mutation(state, groups, 5, g, max_swaps=3)
+        assert [sum(child[u] for u in grp) for grp in groups] == sums
+        assert all(0 <= v < 5 for v in child) and child[6] == 3
+        changed += child != state
+        state = child
+    assert changed == 300
+
+
+def test_round_to_budget_hits_the_sum_exactly():
+    assert sum(round_to_budget([0.2, 3.7, 1.5, 4.9], 10, 5)) == 10
+    assert round_to_budget([0.2, 3.7, 1.5, 4.9], 10, 5) == [0, 4, 2, 4]
+    with pytest.raises(ValueError, match="out of reach"):
+        round_to_budget([1.0, 1.0], 9, 5)
+
+
+def test_seeds_meet_the_target_exactly(tmp_path):
+    model = FAMILIES["llama-gqa"].build()
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.3, 0.4, 0.5, 0.6, 0.7],
+                              options=OPTIONS)
+    starts = seeds(store, 0.5, shape_groups(store))
+    assert set(starts) == {"uniform", "hessian-kmeans"}
+    for state in starts.values():
+        assert average(store, state) == pytest.approx(0.5, abs=1e-9)
+    assert starts["hessian-kmeans"] != starts["uniform"]
+
+
+def test_evopress_sparsity_prunes_to_the_exact_average_records_and_reloads(tmp_path):
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    model = pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, batch_size=4,
+                         progress=False, evopress=dict(FAST, level_store=str(tmp_path / "store"),
+                                                       levels=[0.3, 0.4, 0.5, 0.6, 0.7]))
+    config = pruner.pruning_config
+    assert config.method == "evopress" and config.search["target"] == "sparsity"
+    assert config.search["average"] == pytest.approx(0.5, abs=1e-9)
+    assert config.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert config.search["level_store_mib"] > 0 and config.metrics["model_mib"] > 0
+    assert config.search["fitness"] <= min(config.search["seed_fitness"].values())
+    assert set(config.layer_sparsity) == {str(i) for i in range(model.config.num_hidden_layers)}
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(logits(reloaded), logits(model))
+    assert "evopress" in (tmp_path / "out" / "README.md").read_text().lower()
+
+
+def test_evopress_bits_quantizes_to_the_average_and_reloads_packed(tmp_path):
+    q = Quantizer(FAMILIES["llama-gqa"].build())
+    model = q.quantize(method="evopress", average_bits=3.0, group_size=16, calibration=CALIB, batch_size=4,
+                       progress=False, evopress=dict(FAST, level_store=str(tmp_path / "store")))
+    config = q.pruning_config
+    assert config.method == "evopress+gptq" and config.metrics["average_bits"] == pytest.approx(3.0)
+    assert config.search["level_values"] == [2.0, 3.0, 4.0, 5.0]
+    bits = [r.spec.bits for r in q.records.values()]
+    assert len(q.records) == 7 * model.config.num_hidden_layers and min(bits) >= 2 and max(bits) <= 5
+    q.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(logits(reloaded), logits(model))
+    with pytest.raises(ValueError, match="average_bits"):
+        Quantizer(FAMILIES["llama-gqa"].build()).quantize(method="evopress", calibration=CALIB)
+
+
+def test_store_for_another_model_is_refused(tmp_path):
+    model = FAMILIES["llama-gqa"].build()
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    with pytest.raises(ValueError, match="another model"):
+        StoreLoader(FAMILIES["opt"].build(), LevelStore(store.directory))
