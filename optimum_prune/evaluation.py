@@ -97,6 +97,13 @@ class ReferenceLogprobs:
     """[n, seq_len] log of the probability mass outside the top-k; None for the full vocabulary."""
     top_k: int | None
 
+    def subset(self, rows: list[int]) -> "ReferenceLogprobs":
+        """The same log-probs for a subset of the windows (to score on a fresh minibatch)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return ReferenceLogprobs(self.input_ids[index], self.logprobs[index], pick(self.indices),
+                                 pick(self.rest_logprob), self.top_k)
+
 
 @dataclass
 class EvaluationReport:

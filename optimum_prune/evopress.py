@@ -51,6 +51,9 @@ class EvoPressSettings:
     seed: int = 0
     state_file: str | os.PathLike | None = None
     """Search state (JSON, rewritten every generation): an interrupted search resumes from it."""
+    fresh_windows: bool = True
+    """Draw each selection step's windows afresh from the calibration set (the paper's minibatches; the
+    parent is re-scored with the last step's survivors); False: the first windows every time."""
     level_store: str | os.PathLike | None = None
     """Sparsity / bit-width targets: directory of the per-Linear level store (built once, then reused);
     default: under the optimum-prune cache, keyed by model, calibration and levels."""
@@ -109,9 +112,16 @@ def swap_mutation(state: list[int], groups: list[list[int]], generator: torch.Ge
 
 
 def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], list[int]],
-           fitness: Callable[[list[int], int], float], settings: EvoPressSettings, *, run_key: str,
-           progress: bool = True, description: str = "EvoPress") -> SearchResult:
-    """(1+λ) evolution with multi-step selection; ``fitness(state, step)`` scores on step's windows (lower is better)."""
+           fitness: Callable[..., float], settings: EvoPressSettings, *, run_key: str,
+           progress: bool = True, description: str = "EvoPress", pool: int | None = None) -> SearchResult:
+    """(1+λ) evolution with multi-step selection (lower fitness is better).
+
+    Without ``pool``, ``fitness(state, step)`` scores on the step's fixed windows. With ``pool`` (and
+    ``settings.fresh_windows``), every selection step draws its ``settings.windows[step]`` windows from
+    ``range(pool)`` and calls ``fitness(state, step, rows)``; the parent is re-scored on the last step's
+    windows next to the survivors, so it competes on the same tokens.
+    """
+    fresh = pool is not None and settings.fresh_windows
     generator = torch.Generator().manual_seed(settings.seed)
     parent, parent_fit, start, evaluations, history = list(initial), None, 0, 0, []
     initial_fit = None
@@ -127,20 +137,32 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
         else:
             logger.warning("%s holds the state of a different search: starting over", state_path)
     last = len(settings.windows) - 1
+
+    def score(state: list[int], step: int, rows: list[int] | None) -> float:
+        return fitness(state, step, rows) if fresh else fitness(state, step)
+
+    def draw(step: int) -> list[int] | None:
+        return torch.randperm(pool, generator=generator)[: settings.windows[step]].tolist() if fresh else None
+
     if parent_fit is None:
-        parent_fit = initial_fit = fitness(parent, last)
+        parent_fit = initial_fit = score(parent, last, list(range(min(pool, settings.windows[last]))) if fresh
+                                         else None)
         evaluations += 1
     bar = tqdm(total=settings.generations, initial=start, desc=description, disable=not progress, unit="gen")
     for generation in range(start, settings.generations):
         candidates = [mutate(parent, generator) for _ in range(settings.offspring)]
         for step in range(len(settings.windows)):
-            scored = [(fitness(c, step), c) for c in candidates]
+            rows = draw(step)
+            scored = [(score(c, step, rows), c) for c in candidates]
             evaluations += len(scored)
             if step < last:
                 scored.sort(key=lambda t: t[0])
                 candidates = [c for _, c in scored[: settings.survivors[step]]]
+            elif fresh:  # the parent re-enters at the last step, on the same windows
+                parent_fit = score(parent, step, rows)
+                evaluations += 1
         best_fit, best = min(scored, key=lambda t: t[0])
-        if best_fit < parent_fit:  # the parent re-enters at the last step: elitist
+        if best_fit < parent_fit:  # elitist: the parent stays unless an offspring beats it
             parent, parent_fit = best, best_fit
         history.append(parent_fit)
         bar.update(1)
@@ -227,7 +249,7 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
         raise ValueError(f"can drop 1 to {depth - 1} of the model's {depth} blocks, got {n}")
     s = settings.resolved(kept=(2 if sublayers else 1) * (depth - n), dropped=(2 if sublayers else 1) * n,
                           available_windows=input_ids.shape[0])
-    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
 
     def sets(state: list[int]) -> tuple[set[int], set[int]]:
         if sublayers:
@@ -235,10 +257,10 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
         blocks = {p for p in range(depth) if state[p]}
         return blocks, blocks
 
-    def fitness(state: list[int], step: int) -> float:
+    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
         attention, mlp = sets(state)
         with dropped_sublayers(model, attention, mlp):
-            return scorers[step](model)
+            return scorer(model, rows if rows is not None else list(range(s.windows[step])))
 
     # seeds: the fixed strategies, as block sets (positions)
     probe = input_ids[: s.windows[-1]]
@@ -261,13 +283,13 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
     run_key = fingerprint("evopress-depth", input_ids, depth, n, sublayers, asdict(s) | {"generations": None,
                                                                                          "state_file": None})
     result = evolve(initial, lambda st, g: swap_mutation(st, groups, g, s.max_swaps), fitness, s, run_key=run_key,
-                    progress=progress, description="EvoPress depth")
+                    progress=progress, description="EvoPress depth", pool=input_ids.shape[0])
     attention, mlp = sets(result.state)
     info = {"method": "evopress", "target": "depth", "units": "sublayers" if sublayers else "blocks", "removed": n,
-            "fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else
+            "fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
             "relative output error", "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
-            "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,
+            "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,
             "seed_fitness": seed_fitness, "history": [round(h, 6) for h in result.history]}
     if sublayers:
         return DepthSearchResult([], sorted(originals[p] for p in attention), sorted(originals[p] for p in mlp), info)
@@ -322,24 +344,25 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
     start = dp_select(items, budget)
     initial = [o.index(j) for o, j in zip(order, start)]
     s = settings.resolved(kept=len(items), dropped=4, available_windows=input_ids.shape[0])
-    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
     stitcher = Stitcher(model, database)
 
     def picked(state: list[int]) -> list[int]:
         return [o[j] for o, j in zip(order, state)]
 
-    def fitness(state: list[int], step: int) -> float:
-        return scorers[step](stitcher.build(items, picked(state)))
+    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
+        return scorer(stitcher.build(items, picked(state)), rows if rows is not None else list(range(s.windows[step])))
 
     run_key = fingerprint("evopress-structure", input_ids, target_speedup, table.to_dict(),
                           asdict(s) | {"generations": None, "state_file": None})
     result = evolve(initial, lambda st, g: budget_mutation(st, costs, budget, g, s.max_swaps), fitness, s,
-                    run_key=run_key, progress=progress, description=f"EvoPress structure {target_speedup:g}x")
+                    run_key=run_key, progress=progress, description=f"EvoPress structure {target_speedup:g}x",
+                    pool=input_ids.shape[0])
     chosen = picked(result.state)
     info = {"method": "evopress", "target": "structure", "target_speedup": target_speedup,
             "predicted_speedup": round(table.dense_ms / predicted_ms(items, chosen, table), 4),
             "fitness": result.fitness, "start_fitness": result.initial_fitness,
-            "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else "relative output error",
+            "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else "relative output error",
             "generations": result.generations, "offspring": s.offspring, "survivors": s.survivors,
             "tokens": [w * input_ids.shape[1] for w in s.windows], "evaluations": result.evaluations, "seed": s.seed,
             "start": "ziplm dp", "history": [round(h, 6) for h in result.history]}

@@ -170,12 +170,12 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     if settings.generations is None:
         settings = EvoPressSettings(**{**asdict(settings), "generations": int(min(400, max(20, n)))})
     s = settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
-    scorers = [CalibrationScorer(model, input_ids[:w], s.top_k, batch_size) for w in s.windows]
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
     loader = StoreLoader(model, store)
 
-    def fitness(state: list[int], step: int) -> float:
+    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
         loader.load(state)
-        return scorers[step](model)
+        return scorer(model, rows if rows is not None else list(range(s.windows[step])))
 
     starts = seeds(store, target, groups)
     seed_fitness = {name: fitness(state, len(s.windows) - 1) for name, state in starts.items()}
@@ -183,17 +183,19 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     run_key = fingerprint("evopress-levels", store.info.get("key"), input_ids, target,
                           asdict(s) | {"generations": None, "state_file": None, "level_store": None})
     result = evolve(starts[best], lambda st, g: level_mutation(st, groups, len(store.levels), g, s.max_swaps),
-                    fitness, s, run_key=run_key, progress=progress, description=f"EvoPress {store.kind}")
+                    fitness, s, run_key=run_key, progress=progress, description=f"EvoPress {store.kind}",
+                    pool=input_ids.shape[0])
     loader.load(result.state)
     levels: dict[str, dict[str, float]] = {}
     for unit, j in zip(store.units, result.state):
         levels.setdefault(str(unit.layer), {})[unit.path] = store.levels[j]
     info = {"method": "evopress", "target": store.kind, "average": round(average(store, result.state), 6),
             "requested": target, "fitness": result.fitness, "start": best,
-            "seed_fitness": seed_fitness, "fitness_metric": f"top-{s.top_k} KL" if scorers[-1].causal else
+            "seed_fitness": seed_fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
             "relative output error", "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
-            "evaluations": result.evaluations, "seed": s.seed, "level_values": store.levels,
+            "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed,
+            "level_values": store.levels,
             "units": n, "unit_groups": len(groups), "level_store_mib": round(store.nbytes() / 2**20, 1),
             "history": [round(h, 6) for h in result.history], "levels": levels}
     return result.state, info

@@ -45,6 +45,31 @@ def test_evolve_is_elitist_and_finds_the_optimum_of_a_toy_problem():
     assert all(a >= b for a, b in zip(result.history, result.history[1:]))  # never gets worse
 
 
+def test_fresh_windows_draw_minibatches_and_rescore_the_parent_on_them():
+    target = {2, 5, 6}
+    calls = []
+
+    def fit(state, step, rows):  # the minibatch shifts every score, as real windows do
+        calls.append((tuple(state), step, tuple(rows)))
+        return float(sum(1 for u, v in enumerate(state) if v and u not in target)) + 0.01 * sum(rows)
+
+    settings = EvoPressSettings(generations=30, offspring=4, windows=[1, 2, 4], survivors=[2, 1], seed=0)
+    result = evolve([1, 1, 1, 0, 0, 0, 0, 0], lambda s, g: swap_mutation(s, [list(range(8))], g, 3), fit, settings,
+                    run_key="toy", progress=False, pool=16)
+    assert {u for u, v in enumerate(result.state) if v} == target
+    per_step = {}
+    for state, step, rows in calls[1:]:
+        assert len(rows) == settings.windows[step] and len(set(rows)) == len(rows) and max(rows) < 16
+        per_step.setdefault(step, set()).add(rows)
+    assert len(per_step[2]) > 5  # fresh windows, not the same ones every generation
+    last_step = [c for c in calls[1:] if c[1] == 2]
+    assert len(last_step) == 2 * settings.generations  # the survivor and the re-entering parent, same rows
+    assert all(a[2] == b[2] for a, b in zip(last_step[::2], last_step[1::2]))
+    again = evolve([1, 1, 1, 0, 0, 0, 0, 0], lambda s, g: swap_mutation(s, [list(range(8))], g, 3), fit, settings,
+                   run_key="toy", progress=False, pool=16)
+    assert again.state == result.state and again.fitness == result.fitness  # seeded
+
+
 @pytest.mark.parametrize("family", ["llama-gqa", "opt", "bert"])
 def test_temporary_drops_match_surgery_and_are_undone(family):
     model = FAMILIES[family].build()
@@ -82,11 +107,11 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = method.CalibrationScorer.__call__
 
-    def flaky(self, m):
+    def flaky(self, m, rows=None):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt
-        return original(self, m)
+        return original(self, m, rows)
 
     monkeypatch.setattr(method.CalibrationScorer, "__call__", flaky)
     with pytest.raises(KeyboardInterrupt):

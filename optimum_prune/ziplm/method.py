@@ -74,20 +74,24 @@ class CalibrationScorer:
             self.reference = self._hidden(dense)
 
     @torch.no_grad()
-    def _hidden(self, model: nn.Module) -> torch.Tensor:
+    def _hidden(self, model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
         device = next(model.parameters()).device
         outs = []
-        for batch in self.ids.split(self.batch_size):
+        for batch in (self.ids if ids is None else ids).split(self.batch_size):
             batch = batch.to(device)
             out = model(input_ids=batch, attention_mask=torch.ones_like(batch))
             outs.append(out.last_hidden_state.float().cpu() if hasattr(out, "last_hidden_state") else out[0].cpu())
         return torch.cat(outs)
 
-    def __call__(self, model: nn.Module) -> float:
+    def __call__(self, model: nn.Module, rows: list[int] | None = None) -> float:
+        """Score on all windows, or on the windows ``rows`` (a minibatch of them)."""
         if self.causal:
-            return kl_to_reference(model, self.reference, batch_size=self.batch_size, progress=False)
-        hidden = self._hidden(model)
-        return float((hidden - self.reference).pow(2).sum() / self.reference.pow(2).sum())
+            reference = self.reference if rows is None else self.reference.subset(rows)
+            return kl_to_reference(model, reference, batch_size=self.batch_size, progress=False)
+        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        hidden = self._hidden(model, None if index is None else self.ids[index])
+        reference = self.reference if index is None else self.reference[index]
+        return float((hidden - reference).pow(2).sum() / reference.pow(2).sum())
 
 
 def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], table, *,
