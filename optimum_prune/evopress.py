@@ -285,8 +285,9 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
     result = evolve(initial, lambda st, g: swap_mutation(st, groups, g, s.max_swaps), fitness, s, run_key=run_key,
                     progress=progress, description="EvoPress depth", pool=input_ids.shape[0])
     attention, mlp = sets(result.state)
+    final = fitness(result.state, len(s.windows) - 1)  # on the seeds' windows, so the two compare
     info = {"method": "evopress", "target": "depth", "units": "sublayers" if sublayers else "blocks", "removed": n,
-            "fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
+            "fitness": final, "search_fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
             "relative output error", "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
             "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,

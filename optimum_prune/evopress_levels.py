@@ -4,7 +4,8 @@ The levels come from a ``LevelStore`` (every Linear compressed once at every lev
 code, Linears are grouped by shape and a level switch moves one Linear of a group one level up and
 another of the same group one level down: levels are evenly spaced, so the average sparsity (or bits)
 stays exactly on target. The search starts from the best by fitness of uniform levels and, for
-sparsity, the inverse-Hessian K-means scheduler's allocation (from the store's own OBS losses).
+sparsity, the inverse-Hessian K-means scheduler's allocation, and a greedy allocation of the store's
+own OBS losses.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def average(store: LevelStore, state: list[int]) -> float:
 
 
 def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str, list[int]]:
-    """Starting states with the exact budget: uniform levels, and for sparsity the K-means scheduler's."""
+    """Starting states with the exact budget: uniform levels, the store's losses allocated greedily, and for
+    sparsity the K-means scheduler's allocation."""
     values = store.levels
     n = len(store.units)
     if store.kind == "sparsity":
@@ -127,6 +129,9 @@ def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str
                 for u, lv in zip(group, round_to_budget(positions, index * len(group), len(values))):
                     state[u] = lv
             out["hessian-kmeans"] = state
+        greedy = loss_greedy(store, out["uniform"], groups)
+        if greedy is not None:
+            out["obs-greedy"] = greedy
         return out
     # bits: per group, floor(target) everywhere, then the units that lose most at the lower width go up
     if not values[0] <= target <= values[-1]:
@@ -140,7 +145,50 @@ def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str
         order = sorted(group, key=lambda u: -(losses[u][low] if losses else 0.0))
         for rank, u in enumerate(order):
             state[u] = low + (1 if rank < extra else 0)
-    return {"uniform": state}
+    out = {"uniform": state}
+    greedy = loss_greedy(store, state, groups)
+    if greedy is not None:
+        out["obs-greedy"] = greedy
+    return out
+
+
+def loss_greedy(store: LevelStore, state: list[int], groups: list[list[int]]) -> list[int] | None:
+    """From ``state``, level switches inside each group while the OBS loss saved exceeds the loss added.
+
+    Losses are read relative to the residual stream entering each block (as the scheduler reads them),
+    so blocks at different depths compare. A cheap allocation by the store's own estimates: a seed.
+    """
+    losses = store.info.get("losses")
+    residual = store.info.get("residual") or {}
+    if not losses:
+        return None
+    scale = [residual.get(str(u.layer)) or 1.0 for u in store.units]
+    # index order = more compression for sparsity, less for bits: "cost" is the loss of one more step of it
+    sign = 1 if store.kind == "sparsity" else -1
+    top = len(store.levels) - 1
+    state = list(state)
+
+    def more(u: int) -> float | None:  # loss added by compressing u one step further
+        j = state[u] + sign
+        return None if not 0 <= j <= top else (losses[u][j] - losses[u][state[u]]) / scale[u]
+
+    def less(u: int) -> float | None:  # loss saved by compressing u one step less
+        j = state[u] - sign
+        return None if not 0 <= j <= top else (losses[u][state[u]] - losses[u][j]) / scale[u]
+
+    for group in groups:
+        for _ in range(len(group) * len(store.levels)):
+            saves = [(less(u), u) for u in group if less(u) is not None]
+            costs = [(more(u), u) for u in group if more(u) is not None]
+            if not saves or not costs:
+                break
+            save, a = max(saves)
+            cost, b = min((c for c in costs if c[1] != a), default=(None, None))
+            if b is None or not save > cost:
+                break
+            state[a] -= sign
+            state[b] += sign
+    return state
 
 
 def _scheduler_sparsity(store: LevelStore, target: float) -> dict[int, float] | None:
@@ -185,12 +233,12 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     result = evolve(starts[best], lambda st, g: level_mutation(st, groups, len(store.levels), g, s.max_swaps),
                     fitness, s, run_key=run_key, progress=progress, description=f"EvoPress {store.kind}",
                     pool=input_ids.shape[0])
-    loader.load(result.state)
+    final = fitness(result.state, len(s.windows) - 1)  # on the seeds' windows, so the two compare
     levels: dict[str, dict[str, float]] = {}
     for unit, j in zip(store.units, result.state):
         levels.setdefault(str(unit.layer), {})[unit.path] = store.levels[j]
     info = {"method": "evopress", "target": store.kind, "average": round(average(store, result.state), 6),
-            "requested": target, "fitness": result.fitness, "start": best,
+            "requested": target, "fitness": final, "search_fitness": result.fitness, "start": best,
             "seed_fitness": seed_fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
             "relative output error", "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
@@ -246,4 +294,4 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
     return state, info, store
 
 
-__all__ = ["default_levels", "run_level_search", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "StoreLoader", "average", "seeds", "search_levels"]
+__all__ = ["default_levels", "run_level_search", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "loss_greedy", "StoreLoader", "average", "seeds", "search_levels"]

@@ -143,10 +143,30 @@ def test_seeds_meet_the_target_exactly(tmp_path):
     store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.3, 0.4, 0.5, 0.6, 0.7],
                               options=OPTIONS)
     starts = seeds(store, 0.5, shape_groups(store))
-    assert set(starts) == {"uniform", "hessian-kmeans"}
+    assert set(starts) == {"uniform", "hessian-kmeans", "obs-greedy"}
     for state in starts.values():
         assert average(store, state) == pytest.approx(0.5, abs=1e-9)
-    assert starts["hessian-kmeans"] != starts["uniform"]
+    assert starts["hessian-kmeans"] != starts["uniform"] and starts["obs-greedy"] != starts["uniform"]
+
+
+def test_greedy_seed_moves_levels_to_where_they_save_more_loss():
+    from types import SimpleNamespace
+
+    from optimum_prune.engine.level_store import LinearUnit
+    from optimum_prune.evopress_levels import loss_greedy
+
+    units = [LinearUnit(i, "mlp.down_proj", f"m{i}", (4, 4)) for i in range(3)]
+    # unit 0 barely cares about compression, unit 2 cares a lot
+    losses = [[0.0, 0.1, 0.2, 0.3], [0.0, 1.0, 2.0, 4.0], [0.0, 5.0, 20.0, 60.0]]
+    store = SimpleNamespace(kind="sparsity", levels=[0.5, 0.6, 0.7, 0.8], units=units,
+                            info={"losses": losses, "residual": {}})
+    state = loss_greedy(store, [2, 2, 2], [[0, 1, 2]])
+    assert sum(state) == 6 and state[0] == 3 and state[2] < 2
+    bits = SimpleNamespace(kind="bits", levels=[2, 3, 4, 5], units=units,
+                           info={"losses": [[3.0, 2.9, 2.8, 2.7], [40.0, 10.0, 3.0, 1.0], [90.0, 20.0, 5.0, 1.0]],
+                                 "residual": {}})
+    state = loss_greedy(bits, [1, 1, 1], [[0, 1, 2]])
+    assert sum(state) == 3 and state[0] == 0 and state[2] >= state[1]
 
 
 def test_evopress_sparsity_prunes_to_the_exact_average_records_and_reloads(tmp_path):
