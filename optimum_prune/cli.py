@@ -58,11 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--num-layers", type=int, help="LayerChop: how many whole blocks to remove")
     prune.add_argument("--strategy", default="angular", choices=["angular", "block_influence", "last", "evopress"],
                        help="LayerChop: which blocks go (default: the contiguous window of least angular distance)")
-    prune.add_argument("--target", choices=["depth"], help="EvoPress: what to search (depth: attention and MLP "
-                                                           "sublayers dropped independently)")
+    prune.add_argument("--target", choices=["depth", "sparsity"], help="EvoPress: what to search (depth: attention "
+                       "and MLP sublayers dropped independently; sparsity: a SparseGPT level per Linear at the "
+                       "average --sparsity)")
     prune.add_argument("--drop-ratio", type=float, help="EvoPress depth: fraction of blocks' worth of sublayers")
     prune.add_argument("--generations", type=int, help="EvoPress: generations (default scaled to the problem)")
     prune.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
+    prune.add_argument("--level-store", help="EvoPress sparsity: directory of the per-Linear level store (reused)")
     prune.add_argument("--target-speedup", type=float, nargs="+", metavar="X",
                        help="ZipLM: one or more speedups (e.g. 1.5 2 3); several targets write OUTPUT/<target>x")
     prune.add_argument("--latency-table", help="ZipLM: a table saved by `optimum-prune latency` (else measured "
@@ -111,6 +113,12 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal")
     quant.add_argument("--asymmetric", action="store_true", help="asymmetric grid (in-memory only for now)")
     quant.add_argument("--sparsity", type=float, help="also prune with SparseGPT in the same pass")
+    quant.add_argument("--method", default="gptq", choices=["gptq", "evopress"],
+                       help="evopress: a bit-width per Linear at --average-bits, searched over stored GPTQ levels")
+    quant.add_argument("--average-bits", type=float, help="EvoPress: the exact average bit-width (e.g. 3)")
+    quant.add_argument("--generations", type=int, help="EvoPress: generations (default scaled to the problem)")
+    quant.add_argument("--level-store", help="EvoPress: directory of the per-Linear level store (reused)")
+    quant.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
     _calibration_args(quant)
 
     from .evaluation import add_cli as add_eval
@@ -204,11 +212,17 @@ def _prune(args: argparse.Namespace) -> int:
     if args.method == "evopress":
         start = time.perf_counter()
         pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
-        settings = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file)) if v}
+        settings = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file),
+                                      ("level_store", args.level_store)) if v}
         pruner.prune("evopress", target=args.target, drop_ratio=args.drop_ratio, num_layers=args.num_layers,
-                     evopress=settings, **_run_options(args))
+                     sparsity=args.sparsity, evopress=settings, **_run_options(args))
         config = pruner.pruning_config
-        print(f"dropped attention {config.drop_attention}, MLP {config.drop_mlp} (KL {config.search['fitness']:.4g})")
+        if args.target == "sparsity":
+            print(f"average sparsity {config.search['average']:.4g} (KL {config.search['fitness']:.4g}; level store "
+                  f"{config.search['level_store_mib']:.0f} MiB on disk, model {config.search['model_mib']:.0f} MiB)")
+        else:
+            print(f"dropped attention {config.drop_attention}, MLP {config.drop_mlp} "
+                  f"(KL {config.search['fitness']:.4g})")
         return _finish(pruner, args, start)
     ziplm = args.method == "ziplm" or (args.method is None and args.target_speedup)
     if not ziplm and args.sparsity is None and not args.n_m:
@@ -273,9 +287,17 @@ def _quantize(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     quantizer = Quantizer.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
-    quantizer.quantize(args.bits, group_size=None if args.group_size == -1 else args.group_size,
+    evopress = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file),
+                                  ("level_store", args.level_store)) if v}
+    quantizer.quantize(args.bits, method=args.method, average_bits=args.average_bits,
+                       evopress=evopress if args.method == "evopress" else None,
+                       group_size=None if args.group_size == -1 else args.group_size,
                        symmetric=not args.asymmetric, act_order=args.act_order, sparsity=args.sparsity,
                        **_run_options(args))
+    if args.method == "evopress":
+        search = quantizer.pruning_config.search
+        print(f"average bits {search['average']:.4g} (KL {search['fitness']:.4g}; level store "
+              f"{search['level_store_mib']:.0f} MiB on disk, model {search['model_mib']:.0f} MiB)")
     print(", ".join(f"{k}: {v}" for k, v in quantizer.quantization.items()))
     return _finish(quantizer, args, start)
 

@@ -208,3 +208,27 @@ def test_store_for_another_model_is_refused(tmp_path):
     store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
     with pytest.raises(ValueError, match="another model"):
         StoreLoader(FAMILIES["opt"].build(), LevelStore(store.directory))
+
+
+def test_cli_evopress_sparsity_and_bits(tmp_path, capsys):
+    import json
+
+    from zoo import TEXT, char_tokenizer
+
+    from optimum_prune.cli import main
+
+    FAMILIES["llama-gqa"].build().save_pretrained(tmp_path / "dense")
+    char_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    common = ["--model", str(tmp_path / "dense"), "--generations", "2", "--calibration", str(tmp_path / "text.txt"),
+              "--num-samples", "8", "--seq-len", "16"]
+    assert main(["prune", *common, "--method", "evopress", "--target", "sparsity", "--sparsity", "0.5",
+                 "--level-store", str(tmp_path / "store-s"), "--output", str(tmp_path / "sparse")]) == 0
+    assert "average sparsity 0.5" in capsys.readouterr().out
+    config = json.loads((tmp_path / "sparse" / "config.json").read_text())["pruning_config"]
+    assert config["method"] == "evopress" and config["search"]["target"] == "sparsity"
+    assert main(["quantize", *common, "--method", "evopress", "--average-bits", "3", "--group-size", "16",
+                 "--level-store", str(tmp_path / "store-b"), "--output", str(tmp_path / "q")]) == 0
+    assert "average bits 3" in capsys.readouterr().out
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["pruning_config"]["method"] == "evopress+gptq" and "quantization_config" in config
