@@ -278,10 +278,12 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
     settings = settings or EvoPressSettings()
     levels = list(settings.levels) if settings.levels else default_levels(kind, target)
     directory = Path(settings.level_store) if settings.level_store else \
-        store_directory(model, input_ids, kind, levels, asdict(quant) if quant else None)
+        store_directory(model, input_ids, kind, levels, [asdict(quant) if quant else None, target])
     start = time.perf_counter()
+    below = [v for v in levels if v <= target + 1e-9]
+    propagate = max(below) if below else None  # blocks calibrated on inputs compressed at (about) the target
     store = build_level_store(model, input_ids, directory, kind=kind, levels=levels, quant=quant,
-                              dampening=dampening, blocksize=blocksize, options=options)
+                              dampening=dampening, blocksize=blocksize, propagate=propagate, options=options)
     store_seconds = time.perf_counter() - start
     state, info = search_levels(model, input_ids, store, target, settings=settings,
                                 batch_size=min(options.batch_size, 4), progress=options.progress)

@@ -77,9 +77,11 @@ def test_sparsity_store_holds_sparsegpt_levels_compactly_and_is_reused(tmp_path,
         build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
 
 
-def test_interrupted_store_build_resumes_at_the_first_missing_block(tmp_path, monkeypatch):
+@pytest.mark.parametrize("propagate", [None, 0.5])
+def test_interrupted_store_build_resumes_at_the_first_missing_block(tmp_path, monkeypatch, propagate):
     model = FAMILIES["llama-gqa"].build()
-    reference = build_level_store(model, CALIB, tmp_path / "ref", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    reference = build_level_store(model, CALIB, tmp_path / "ref", kind="sparsity", levels=[0.0, 0.5],
+                                  propagate=propagate, options=OPTIONS)
     real, calls = ls.compress_weight, []
 
     def interrupted(*args, **kwargs):
@@ -90,11 +92,14 @@ def test_interrupted_store_build_resumes_at_the_first_missing_block(tmp_path, mo
 
     monkeypatch.setattr(ls, "compress_weight", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+        build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], propagate=propagate,
+                          options=OPTIONS)
+    assert torch.equal(logits(model), logits(FAMILIES["llama-gqa"].build()))  # dense again after the interruption
     assert not (tmp_path / "s").exists() and len(list((tmp_path / "s.partial").glob("block-*.safetensors"))) == 2
     calls.clear()
     monkeypatch.setattr(ls, "compress_weight", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], options=OPTIONS)
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.0, 0.5], propagate=propagate,
+                              options=OPTIONS)
     assert len(calls) == 7 * (model.config.num_hidden_layers - 2)
     for i in range(len(store.units)):
         assert torch.equal(store.weight(i, 1), reference.weight(i, 1))
@@ -232,3 +237,20 @@ def test_cli_evopress_sparsity_and_bits(tmp_path, capsys):
     assert "average bits 3" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["pruning_config"]["method"] == "evopress+gptq" and "quantization_config" in config
+
+
+def test_propagated_bits_store_at_the_uniform_level_is_sequential_gptq_exactly(tmp_path):
+    from optimum_prune.engine.compress import CompressionPlan, compress_model, uniform
+
+    model = FAMILIES["llama-gqa"].build()
+    store = build_level_store(model, CALIB, tmp_path / "b", kind="bits", levels=[2, 3, 4], quant=QuantSpec(4, 16),
+                              propagate=3, options=OPTIONS)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())  # the build left it dense
+    StoreLoader(model, store).load([1] * len(store.units))
+    sequential = FAMILIES["llama-gqa"].build()
+    layers = list(range(sequential.config.num_hidden_layers))
+    compress_model(sequential, CALIB, CompressionPlan(None, quant=uniform(QuantSpec(3, 16), layers)), OPTIONS)
+    assert torch.equal(logits(model), logits(sequential))
+    with pytest.raises(ValueError, match="not one of the levels"):
+        build_level_store(model, CALIB, tmp_path / "x", kind="bits", levels=[2, 4], propagate=3, options=OPTIONS)

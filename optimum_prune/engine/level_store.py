@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .compress import QuantRecord
 from .hessian import ResidualNorms
-from .layers import LinearGroup, get_weight
+from .layers import LinearGroup, get_weight, set_weight
 from .obs import PruneSpec, compress_weight
 from .quant import QuantSpec
 from .sequential import SequentialOptions, fingerprint, run_sequential
@@ -154,12 +154,17 @@ def sparsity_levels(target: float, step: float = 0.05, below: float = 0.3, above
 
 def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str | os.PathLike, *, kind: str,
                       levels: list[float], quant: QuantSpec | None = None, dampening: float = 0.01,
-                      blocksize: int = 128, options: SequentialOptions | None = None) -> LevelStore:
+                      blocksize: int = 128, propagate: float | None = None,
+                      options: SequentialOptions | None = None) -> LevelStore:
     """Compress every block Linear of ``model`` (left unchanged) to every level; return the store.
 
     ``kind="sparsity"``: SparseGPT at each sparsity in ``levels``; ``kind="bits"``: GPTQ at each bit-width
-    in ``levels`` on the grid ``quant`` (group size, symmetric, act-order). An existing store with the
-    same settings is reused; a partial one (interrupted) resumes at its first missing block.
+    in ``levels`` on the grid ``quant`` (group size, symmetric, act-order). ``propagate`` (one of the
+    levels, normally the search's target): each block is calibrated on the outputs of the blocks before
+    it compressed at that level, as sequential SparseGPT / GPTQ would see them, so a state near the
+    target is close to a sequentially compressed model; None calibrates every block on dense inputs.
+    An existing store with the same settings is reused; a partial one (interrupted) resumes at its
+    first missing block.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown level store kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -172,9 +177,12 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
         levels = sorted(float(s) for s in levels)
         if any(not 0 <= s < 1 for s in levels):
             raise ValueError(f"sparsity levels must be in [0, 1), got {levels}")
+    if propagate is not None and not any(abs(propagate - v) < 1e-9 for v in levels):
+        raise ValueError(f"propagate={propagate} is not one of the levels {levels}")
+    carry = None if propagate is None else min(range(len(levels)), key=lambda j: abs(levels[j] - propagate))
     directory = Path(directory)
     key = fingerprint("level-store", kind, levels, asdict(quant) if quant else None, dampening, blocksize, input_ids,
-                      type(model).__name__)
+                      type(model).__name__, propagate)
     if (directory / MANIFEST).is_file():
         store = LevelStore(directory)
         if store.info.get("key") == key:
@@ -193,6 +201,29 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
     units: list[LinearUnit] = []
     dtype = _storage_dtype(next(model.parameters()).dtype)
 
+    dense: list[tuple[nn.Module, torch.Tensor]] = []  # the previous block's dense weights, restored one step late
+
+    def restore() -> None:
+        with torch.no_grad():
+            for module, weight in dense:
+                module.weight.data.copy_(weight)
+        dense.clear()
+
+    def carry_forward(block_file: Path, groups: list[LinearGroup], layer: int) -> None:
+        """Leave the block at the propagated level so the next block is calibrated on its outputs."""
+        restore()
+        if carry is None:
+            return
+        partial = LevelStore.__new__(LevelStore)
+        partial.kind, partial.levels, partial.quant, partial._files = kind, levels, quant, {}
+        partial.directory = block_file.parent
+        with torch.no_grad():
+            for group in groups:
+                for path, module in zip(group.names, group.modules):
+                    dense.append((module, module.weight.data.clone()))
+                    unit = LinearUnit(layer, path, names[id(module)], tuple(get_weight(module).shape))
+                    set_weight(module, partial.weight(unit, carry, get_weight(module).dtype))
+
     def step(layer: int, block: nn.Module, groups: list[LinearGroup], hessians: dict[str, torch.Tensor]) -> dict:
         for group in groups:
             for path, module in zip(group.names, group.modules):
@@ -204,6 +235,7 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
             with safe_open(str(target), framework="pt") as f:
                 block_losses = json.loads(f.metadata()["losses"])
             losses.update({f"{layer}/{p}": v for p, v in block_losses.items()})
+            carry_forward(target, groups, layer)
             return {"reused": True}
         tensors: dict[str, torch.Tensor] = {}
         block_losses = {}
@@ -219,9 +251,10 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
                     block_losses[path].append(loss)
         _save_atomic(tensors, target, {"losses": json.dumps(block_losses)})
         losses.update({f"{layer}/{p}": v for p, v in block_losses.items()})
+        carry_forward(target, groups, layer)
         return {"loss": sum(v[0] for v in block_losses.values())}
 
-    step.modifies_weights = False  # type: ignore[attr-defined]
+    step.modifies_weights = carry is not None  # type: ignore[attr-defined]
     options = options or SequentialOptions()
     description = "EvoPress sparsity levels" if kind == "sparsity" else "EvoPress bit-width levels"
     options = SequentialOptions(**{**options.__dict__, "description": description, "checkpoint_dir": None})
@@ -231,10 +264,11 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
         run_sequential(model, input_ids, step, hessians="full", options=options, run_id=key)
     finally:
         residual.remove()
+        restore()
     manifest = {"kind": kind, "levels": levels, "quant": asdict(quant) if quant else None,
                 "units": [asdict(u) | {"shape": list(u.shape)} for u in units],
                 "info": {"key": key, "dampening": dampening, "calibration_tokens": int(input_ids.numel()),
-                         "storage_dtype": str(dtype).replace("torch.", ""),
+                         "storage_dtype": str(dtype).replace("torch.", ""), "propagate": propagate,
                          "losses": [losses[f"{u.layer}/{u.path}"] for u in units],
                          "residual": {str(k): v for k, v in residual.medians().items()}}}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
