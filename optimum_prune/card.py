@@ -108,7 +108,8 @@ The full structure is stored under `pruning_config` in `config.json`, by origina
 _SEARCH_FIELDS = ("method", "target", "units", "predicted_speedup", "reachable_speedup", "fitness", "fitness_metric",
                   "score", "score_metric", "generations", "offspring", "survivors", "tokens", "evaluations",
                   "search_iterations", "accepted", "strategy", "start", "seed", "schedule", "num_groups", "max_shift",
-                  "normalize", "stages")
+                  "normalize", "stages", "requested", "average", "level_values", "fresh_windows", "level_store_mib",
+                  "model_mib")
 
 
 def _search_rows(search: dict) -> list[str]:

@@ -189,7 +189,8 @@ def test_evopress_sparsity_prunes_to_the_exact_average_records_and_reloads(tmp_p
     pruner.save_pretrained(tmp_path / "out")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(logits(reloaded), logits(model))
-    assert "evopress" in (tmp_path / "out" / "README.md").read_text().lower()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "evopress" in card.lower() and "level store mib" in card and "model mib" in card
 
 
 def test_evopress_bits_quantizes_to_the_average_and_reloads_packed(tmp_path):
