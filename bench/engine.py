@@ -161,6 +161,21 @@ def run_llmc(name: str, windows: Path, python: str) -> dict:
             "llmcompressor": data.get("llmcompressor_version")}
 
 
+LLMC_RESULTS = ROOT / "bench" / "results" / "llmcompressor"
+
+
+def import_llmc(name: str) -> dict | None:
+    """An llm-compressor row measured earlier by bench/llmcompressor_reference.py on the same windows, if kept."""
+    path = LLMC_RESULTS / f"{ROWS[name][1]['recipe']}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {"row": name, "kind": "llmc", "settings": data.get("settings", {}), "perplexity": data["perplexity"],
+            "wall_s": round(data["wall_s"], 1), "peak_rss_mib": data["peak_rss_mib"],
+            "num_samples": data["num_samples"], "seq_len": data["seq_len"],
+            "llmcompressor": data.get("llmcompressor_version"), "source": str(path.relative_to(ROOT))}
+
+
 def markdown(rows: dict[str, dict]) -> str:
     dense = rows.get("dense", {}).get("perplexity")
     lines = ["| row | perplexity | vs dense | wall time (s) | peak RSS (MiB) | RSS before → peak during compression (MiB) "
@@ -185,7 +200,8 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--llmc-python", help="python of a venv with llmcompressor (adds the llmc-* rows)")
+    parser.add_argument("--llmc-python", help="python of a venv with llmcompressor (runs the llmc-* rows; without "
+                        "it, --rows llmc-... imports the rows kept in bench/results/llmcompressor/)")
     parser.add_argument("--out", default=str(OUT), help="results directory (default: bench/results/engine)")
     parser.add_argument("--row-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,9 +222,13 @@ def main() -> int:
         print(f"{name}: running ...", flush=True)
         if ROWS[name][0] == "llmc":
             if not args.llmc_python:
-                print(f"{name}: skipped (needs --llmc-python)")
-                continue
-            row = run_llmc(name, windows, args.llmc_python)
+                row = import_llmc(name)
+                if row is None:
+                    print(f"{name}: skipped (needs --llmc-python)")
+                    continue
+                print(f"{name}: imported from {row['source']}")
+            else:
+                row = run_llmc(name, windows, args.llmc_python)
         else:
             cmd = [sys.executable, __file__, "--row-worker", name, "--num-samples", str(args.num_samples),
                    "--seq-len", str(args.seq_len), "--out", str(OUT)] + (["--threads", str(args.threads)] if args.threads else [])
