@@ -46,7 +46,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--table-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args()
+    if args.table_only:
+        write_table(Path(args.out))
+        return 0
 
     from optimum_prune import Pruner, Quantizer
     from optimum_prune.evaluation import perplexity
@@ -63,8 +67,6 @@ def main() -> int:
         return perplexity(model, base.tokenizer, test, max_windows=args.eval_windows, progress=False).perplexity
 
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    engine = json.loads((ENGINE / "results.json").read_text())["rows"] if (ENGINE / "results.json").is_file() else {}
     for row in args.rows:
         kind, value = row.split("-")
         settings = EvoPressSettings(generations=args.generations, offspring=args.offspring,
@@ -95,14 +97,24 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 session.save_pretrained(tmp)
                 entry["file_mib"] = round(sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) / 2**20, 1)
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         results[row] = entry
         print(f"evopress {row}: perplexity {entry['perplexity']:.2f} (store {entry['level_store_s']:.0f} s, "
               f"search {entry['search_s']:.0f} s, start {entry['start']})", flush=True)
         results_path.write_text(json.dumps(results, indent=2))
         del session, model
-    results["settings"] = vars(args) | {"machine": platform.processor() or platform.machine(),
-                                        "torch": torch.__version__, "cpus": os.cpu_count()}
+    results = json.loads(results_path.read_text())  # rows written meanwhile by another run are kept
+    results.setdefault("settings", {})[",".join(args.rows)] = vars(args) | {
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "cpus": os.cpu_count()}
     results_path.write_text(json.dumps(results, indent=2))
+    write_table(out)
+    return 0
+
+
+def write_table(out: Path) -> None:
+    """results.md from results.json, with the engine bench's reference rows."""
+    results = json.loads((out / "results.json").read_text())
+    engine = json.loads((ENGINE / "results.json").read_text())["rows"] if (ENGINE / "results.json").is_file() else {}
     lines = ["| target | method | perplexity | average | compression wall time (s) | level store | search (s) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row, references in REFERENCE_ROWS.items():
@@ -117,7 +129,6 @@ def main() -> int:
                          f"built in {r['level_store_s']:.0f} s | {r['search_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 def _histogram(levels: dict[str, dict[str, float]]) -> dict[str, int]:
