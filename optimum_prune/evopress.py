@@ -60,6 +60,13 @@ class EvoPressSettings:
     levels: list[float] | None = None
     """Sparsity / bit-width targets: the levels to store (default: evenly spaced around the target)."""
 
+    @classmethod
+    def of(cls, value: "EvoPressSettings | dict[str, Any] | None") -> "EvoPressSettings":
+        """Settings from an ``EvoPressSettings``, a dict of its fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        return cls(**value) if isinstance(value, dict) else value
+
     def resolved(self, kept: int, dropped: int, available_windows: int) -> "EvoPressSettings":
         """Defaults: the paper's depth settings (k(n−k)/1.5 generations × 32 offspring, survivors 2→1 on
         growing tokens) cut to what a CPU run affords: at most 200 generations and 16 offspring."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +110,23 @@ def average(store: LevelStore, state: list[int]) -> float:
     return sum(u.numel * store.levels[j] for u, j in zip(store.units, state)) / total
 
 
+def check_target(kind: str, target: float, levels: list[float]) -> None:
+    """The target must be reachable on the level grid: a level for sparsity, within the range for bits."""
+    if kind == "sparsity" and not any(abs(v - target) < 1e-6 for v in levels):
+        raise ValueError(f"the sparsity levels {levels} do not include the target {target}: add it to "
+                         "evopress=dict(levels=[...]) or leave levels unset (evenly spaced around the target)")
+    if kind == "bits" and not min(levels) <= target <= max(levels):
+        raise ValueError(f"average bits {target} is outside the levels {levels}: widen evopress=dict(levels=[...]) "
+                         "or leave levels unset")
+
+
 def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str, list[int]]:
     """Starting states with the exact budget: uniform levels, the store's losses allocated greedily, and for
     sparsity the K-means scheduler's allocation."""
     values = store.levels
     n = len(store.units)
+    check_target(store.kind, target, values)
     if store.kind == "sparsity":
-        if not any(abs(v - target) < 1e-6 for v in values):
-            raise ValueError(f"the store's sparsity levels {values} do not include the target {target}")
         index = min(range(len(values)), key=lambda j: abs(values[j] - target))
         out = {"uniform": [index] * n}
         schedule = _scheduler_sparsity(store, target)
@@ -134,8 +143,6 @@ def seeds(store: LevelStore, target: float, groups: list[list[int]]) -> dict[str
             out["obs-greedy"] = greedy
         return out
     # bits: per group, floor(target) everywhere, then the units that lose most at the lower width go up
-    if not values[0] <= target <= values[-1]:
-        raise ValueError(f"average bits {target} is outside the store's bit-widths {values}")
     losses = store.info.get("losses")
     state = [0] * n
     for group in groups:
@@ -216,7 +223,7 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     groups = shape_groups(store)
     n = len(store.units)
     if settings.generations is None:
-        settings = EvoPressSettings(**{**asdict(settings), "generations": int(min(400, max(20, n)))})
+        settings = replace(settings, generations=int(min(400, max(20, n))))
     s = settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
     scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
     loader = StoreLoader(model, store)
@@ -277,6 +284,7 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
     """Build (or reuse) the level store, then search; the chosen levels are left loaded in ``model``."""
     settings = settings or EvoPressSettings()
     levels = list(settings.levels) if settings.levels else default_levels(kind, target)
+    check_target(kind, target, levels)  # before the (long) store build
     directory = Path(settings.level_store) if settings.level_store else \
         store_directory(model, input_ids, kind, levels, [asdict(quant) if quant else None, target])
     start = time.perf_counter()

@@ -315,8 +315,7 @@ class Pruner(CompressionSession):
         if not 1 <= count < depth:
             raise ValueError(f"EvoPress depth can remove 1 to {depth - 1} blocks' worth of sublayers of this "
                              f"{depth}-block model; drop_ratio={drop_ratio} / num_layers={num_layers} gives {count}")
-        if isinstance(settings, dict):
-            settings = EvoPressSettings(**settings)
+        settings = EvoPressSettings.of(settings)
         start = time.perf_counter()
         ids, calib_info = self.calibration_data(options)
         result = search_depth(self.model, ids, num_blocks=count, sublayers=True, settings=settings,
@@ -333,18 +332,18 @@ class Pruner(CompressionSession):
         if not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
             raise ValueError(f"EvoPress target='sparsity' needs one average sparsity in (0, 1), e.g. sparsity=0.7; "
                              f"got {sparsity!r}")
-        if isinstance(settings, dict):
-            settings = EvoPressSettings(**settings)
+        settings = EvoPressSettings.of(settings)
         start = time.perf_counter()
         ids, calib_info = self.calibration_data(options)
-        _, info, store = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,
-                                          options.sequential("EvoPress sparsity"), dampening=dampening,
-                                          blocksize=blocksize)
-        per_layer: dict[str, list[tuple[int, float]]] = {}
-        for unit, path_levels in ((u, info["levels"][str(u.layer)]) for u in store.units):
-            per_layer.setdefault(str(unit.layer), []).append((unit.numel, path_levels[unit.path]))
-        layer_sparsity = {k: round(sum(n * v for n, v in pairs) / sum(n for n, _ in pairs), 6)
-                          for k, pairs in per_layer.items()}
+        state, info, store = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,
+                                              options.sequential("EvoPress sparsity"), dampening=dampening,
+                                              blocksize=blocksize)
+        kept: dict[str, float] = {}
+        total: dict[str, int] = {}
+        for unit, level in zip(store.units, state):  # parameter-weighted mean sparsity of each block
+            kept[str(unit.layer)] = kept.get(str(unit.layer), 0.0) + unit.numel * store.levels[level]
+            total[str(unit.layer)] = total.get(str(unit.layer), 0) + unit.numel
+        layer_sparsity = {k: round(kept[k] / total[k], 6) for k in kept}
         metrics = dict(self.pruning_config.metrics or {})
         metrics.update(sparsity=round(zero_fraction(self.model), 5), level_store_mib=info["level_store_mib"],
                        model_mib=info["model_mib"], compression_seconds=round(time.perf_counter() - start, 2))
@@ -357,8 +356,7 @@ class Pruner(CompressionSession):
         """EvoPress over ZipLM's levels under the measured latency budget (starts from ZipLM's DP choice)."""
         if not isinstance(target_speedup, (int, float)) or not target_speedup > 0:
             raise ValueError("EvoPress target='structure' needs one target_speedup (e.g. 2.0)")
-        if isinstance(settings, dict):
-            settings = EvoPressSettings(**settings)
+        settings = EvoPressSettings.of(settings)
         start = time.perf_counter()
         table = self._latency_table(latency, latency_table, options)
         check_targets([float(target_speedup)], table)

@@ -108,8 +108,7 @@ class Quantizer(CompressionSession):
     def _evopress_bits(self, average_bits: float, settings, group_size, symmetric: bool, act_order: bool,
                        options: RunOptions, dampening: float, blocksize: int) -> PreTrainedModel:
         """EvoPress over per-Linear GPTQ bit-widths; the chosen codes become this Quantizer's packed records."""
-        if isinstance(settings, dict):
-            settings = EvoPressSettings(**settings)
+        settings = EvoPressSettings.of(settings)
         ids, calib_info = self.calibration_data(options)
         start = time.perf_counter()
         grid = QuantSpec(4, group_size, symmetric, act_order)

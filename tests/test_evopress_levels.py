@@ -255,3 +255,15 @@ def test_propagated_bits_store_at_the_uniform_level_is_sequential_gptq_exactly(t
     assert torch.equal(logits(model), logits(sequential))
     with pytest.raises(ValueError, match="not one of the levels"):
         build_level_store(model, CALIB, tmp_path / "x", kind="bits", levels=[2, 4], propagate=3, options=OPTIONS)
+
+
+def test_unreachable_target_fails_before_the_store_is_built(tmp_path):
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    with pytest.raises(ValueError, match="do not include the target 0.5"):
+        pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, progress=False,
+                     evopress=dict(FAST, level_store=str(tmp_path / "s"), levels=[0.4, 0.6]))
+    with pytest.raises(ValueError, match="outside the levels"):
+        Quantizer(FAMILIES["llama-gqa"].build()).quantize(method="evopress", average_bits=6.5, calibration=CALIB,
+                                                          evopress=dict(level_store=str(tmp_path / "b"),
+                                                                        levels=[2, 3, 4]))
+    assert not any(tmp_path.iterdir())

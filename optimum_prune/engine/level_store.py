@@ -57,9 +57,10 @@ class LinearUnit:
 class LevelStore:
     """Read access to a built store: the weight (or quantization record) of any unit at any level."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
+        """Open the store in ``directory``; ``manifest`` instead of its file reads blocks still being built."""
         self.directory = Path(directory)
-        manifest = json.loads((self.directory / MANIFEST).read_text())
+        manifest = manifest or json.loads((self.directory / MANIFEST).read_text())
         self.kind: str = manifest["kind"]
         self.levels: list[float] = manifest["levels"]
         self.units = [LinearUnit(u["layer"], u["path"], u["name"], tuple(u["shape"])) for u in manifest["units"]]
@@ -214,9 +215,8 @@ def build_level_store(model: nn.Module, input_ids: torch.Tensor, directory: str 
         restore()
         if carry is None:
             return
-        partial = LevelStore.__new__(LevelStore)
-        partial.kind, partial.levels, partial.quant, partial._files = kind, levels, quant, {}
-        partial.directory = block_file.parent
+        partial = LevelStore(block_file.parent, {"kind": kind, "levels": levels, "units": [],
+                                                 "quant": asdict(quant) if quant else None})
         with torch.no_grad():
             for group in groups:
                 for path, module in zip(group.names, group.modules):
