@@ -5,6 +5,7 @@ small healing run (same steps and data for every row).
 
     python bench/depth.py                                   # ~40 min on 2 cores
     python bench/depth.py --heal-steps 0                    # no healing
+    python bench/depth.py --rows evopress --generations 100  # resumes from results/depth/evopress.state.json
 
 Calibration (strategies' statistics and EvoPress fitness): the first 32 of the engine bench's
 windows of ``valid.txt``. Healing: continued pretraining on ``valid.txt`` (seq 256, batch 4, lr 1e-4, seed 0).
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--offspring", type=int, default=8)
+    parser.add_argument("--selection-windows", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--survivors", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--calibration-windows", type=int, default=32, help="of the engine bench's 128 x 512")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=40)
@@ -66,7 +69,8 @@ def main() -> int:
             pruner.prune(method="evopress", target="depth", drop_ratio=args.blocks / 30, calibration=windows,
                          num_samples=windows.shape[0], seq_len=windows.shape[1],
                          evopress=EvoPressSettings(generations=args.generations, offspring=args.offspring,
-                                                   windows=[1, 2, 8], survivors=[2, 1], seed=0))
+                                                   windows=args.selection_windows, survivors=args.survivors, seed=0,
+                                                   state_file=str(out / "evopress.state.json")))
         else:
             pruner.prune(method="layerchop", num_layers=args.blocks, strategy=row, calibration=windows,
                          num_samples=windows.shape[0], seq_len=windows.shape[1])
@@ -75,7 +79,8 @@ def main() -> int:
         before = ppl(pruner.model)
         row_result = {"search_seconds": round(search_seconds, 1), "perplexity_before_healing": before,
                       "drop_layers": config.drop_layers, "drop_attention": config.drop_attention,
-                      "drop_mlp": config.drop_mlp, "params": sum(p.numel() for p in pruner.model.parameters())}
+                      "drop_mlp": config.drop_mlp, "params": sum(p.numel() for p in pruner.model.parameters()),
+                      "settings": vars(args) | {"rows": [row]}}
         print(f"{row}: {before:.2f} before healing ({search_seconds:.0f} s search)", flush=True)
         if args.heal_steps:
             start = time.perf_counter()
@@ -90,7 +95,6 @@ def main() -> int:
             row_result["search"] = {k: v for k, v in (config.search or {}).items() if k != "history"}
         results[row] = row_result
         results_path.write_text(json.dumps(results, indent=2))
-    results["settings"] = vars(args)
     results_path.write_text(json.dumps(results, indent=2))
     lines = ["| strategy | removed | ppl before healing | ppl after healing | search (s) | parameters |",
              "|---|---|---:|---:|---:|---:|",

@@ -92,7 +92,11 @@ def main() -> int:
                  "average": search["average"], "start": search["start"], "seed_fitness": search["seed_fitness"],
                  "fitness": search["fitness"], "generations": search["generations"],
                  "evaluations": search["evaluations"], "levels": search["level_values"],
-                 "level_histogram": _histogram(search["levels"])}
+                 "level_histogram": _histogram(search["levels"]), "final": search.get("final", "store"),
+                 "stitched_fitness": search.get("stitched_fitness"), "sequential_fitness": search.get("sequential_fitness"),
+                 "sequential_pass_s": search.get("sequential_pass_seconds")}
+        if entry["sequential_fitness"] is not None:  # the other candidate's perplexity, for the record
+            entry["other_perplexity"] = ppl(_other_final(base.model, search))
         if kind == "bits":
             with tempfile.TemporaryDirectory() as tmp:
                 session.save_pretrained(tmp)
@@ -124,11 +128,30 @@ def write_table(out: Path) -> None:
                 lines.append(f"| {row} | {name} (engine bench) | {r['perplexity']:.2f} | – | {r['wall_s']:.0f} | – | – |")
         if row in results:
             r = results[row]
-            lines.append(f"| {row} | EvoPress (start: {r['start']}) | {r['perplexity']:.2f} | {r['average']:.4g} | "
+            final = f", final: {r['final']}" if r.get("sequential_fitness") is not None else ""
+            lines.append(f"| {row} | EvoPress (start: {r['start']}{final}) | {r['perplexity']:.2f} | {r['average']:.4g} | "
                          f"{r['wall_s']:.0f} | {r['level_store_mib']:.0f} MiB on disk (model {r['model_mib']:.0f} MiB), "
                          f"built in {r['level_store_s']:.0f} s | {r['search_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _other_final(dense, search: dict) -> torch.nn.Module:
+    """The final candidate the search did not keep: stitched from the store, or the sequential pass."""
+    from optimum_prune.engine.compress import compress_model
+    from optimum_prune.engine.level_store import LevelStore
+    from optimum_prune.engine.sequential import SequentialOptions
+    from optimum_prune.evopress_levels import StoreLoader, level_plan
+
+    store = LevelStore(search["level_store"])
+    state = [store.levels.index(search["levels"][str(u.layer)][u.path]) for u in store.units]
+    model = copy.deepcopy(dense)
+    if search["final"] == "sequential":
+        StoreLoader(model, store).load(state)
+    else:
+        compress_model(model, torch.load(WINDOWS), level_plan(store, state, dampening=0.01, blocksize=128),
+                       SequentialOptions(progress=False))
+    return model
 
 
 def _histogram(levels: dict[str, dict[str, float]]) -> dict[str, int]:

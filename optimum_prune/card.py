@@ -109,7 +109,7 @@ _SEARCH_FIELDS = ("method", "target", "units", "predicted_speedup", "reachable_s
                   "score", "score_metric", "generations", "offspring", "survivors", "tokens", "evaluations",
                   "search_iterations", "accepted", "strategy", "start", "seed", "schedule", "num_groups", "max_shift",
                   "normalize", "stages", "requested", "average", "level_values", "fresh_windows", "level_store_mib",
-                  "model_mib")
+                  "model_mib", "final", "stitched_fitness", "sequential_fitness")
 
 
 def _search_rows(search: dict) -> list[str]:

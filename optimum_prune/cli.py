@@ -65,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--generations", type=int, help="EvoPress: generations (default scaled to the problem)")
     prune.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
     prune.add_argument("--level-store", help="EvoPress sparsity: directory of the per-Linear level store (reused)")
+    prune.add_argument("--fitness", choices=["kl", "perplexity"], default="kl",
+                       help="EvoPress fitness: KL to the dense model (default) or the candidate's calibration perplexity")
+    prune.add_argument("--no-recalibrate", action="store_true", help="EvoPress sparsity / bits: keep the model stitched from the level store (skip the sequential pass at the chosen levels)")
     prune.add_argument("--target-speedup", type=float, nargs="+", metavar="X",
                        help="ZipLM: one or more speedups (e.g. 1.5 2 3); several targets write OUTPUT/<target>x")
     prune.add_argument("--latency-table", help="ZipLM: a table saved by `optimum-prune latency` (else measured "
@@ -118,6 +121,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--average-bits", type=float, help="EvoPress: the exact average bit-width (e.g. 3)")
     quant.add_argument("--generations", type=int, help="EvoPress: generations (default scaled to the problem)")
     quant.add_argument("--level-store", help="EvoPress: directory of the per-Linear level store (reused)")
+    quant.add_argument("--fitness", choices=["kl", "perplexity"], default="kl",
+                       help="EvoPress fitness: KL to the dense model (default) or the candidate's calibration perplexity")
+    quant.add_argument("--no-recalibrate", action="store_true", help="EvoPress sparsity / bits: keep the model stitched from the level store (skip the sequential pass at the chosen levels)")
     quant.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
     _calibration_args(quant)
 
@@ -214,15 +220,18 @@ def _prune(args: argparse.Namespace) -> int:
         pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
         settings = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file),
                                       ("level_store", args.level_store)) if v}
+        settings.update(fitness=args.fitness, **({"recalibrate": False} if args.no_recalibrate else {}))
         pruner.prune("evopress", target=args.target, drop_ratio=args.drop_ratio, num_layers=args.num_layers,
                      sparsity=args.sparsity, evopress=settings, **_run_options(args))
         config = pruner.pruning_config
         if args.target == "sparsity":
-            print(f"average sparsity {config.search['average']:.4g} (KL {config.search['fitness']:.4g}; level store "
-                  f"{config.search['level_store_mib']:.0f} MiB on disk, model {config.search['model_mib']:.0f} MiB)")
+            search = config.search
+            print(f"average sparsity {search['average']:.4g} ({search['fitness_metric']} {search['fitness']:.4g}, "
+                  f"{search['final']} model; level store {search['level_store_mib']:.0f} MiB on disk, "
+                  f"model {search['model_mib']:.0f} MiB)")
         else:
             print(f"dropped attention {config.drop_attention}, MLP {config.drop_mlp} "
-                  f"(KL {config.search['fitness']:.4g})")
+                  f"({config.search['fitness_metric']} {config.search['fitness']:.4g})")
         return _finish(pruner, args, start)
     ziplm = args.method == "ziplm" or (args.method is None and args.target_speedup)
     if not ziplm and args.sparsity is None and not args.n_m:
@@ -289,6 +298,7 @@ def _quantize(args: argparse.Namespace) -> int:
     quantizer = Quantizer.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
     evopress = {k: v for k, v in (("generations", args.generations), ("state_file", args.state_file),
                                   ("level_store", args.level_store)) if v}
+    evopress.update(fitness=args.fitness, **({"recalibrate": False} if args.no_recalibrate else {}))
     quantizer.quantize(args.bits, method=args.method, average_bits=args.average_bits,
                        evopress=evopress if args.method == "evopress" else None,
                        group_size=None if args.group_size == -1 else args.group_size,
@@ -296,7 +306,8 @@ def _quantize(args: argparse.Namespace) -> int:
                        **_run_options(args))
     if args.method == "evopress":
         search = quantizer.pruning_config.search
-        print(f"average bits {search['average']:.4g} (KL {search['fitness']:.4g}; level store "
+        print(f"average bits {search['average']:.4g} ({search['fitness_metric']} {search['fitness']:.4g}, "
+              f"{search['final']} model; level store "
               f"{search['level_store_mib']:.0f} MiB on disk, model {search['model_mib']:.0f} MiB)")
     print(", ".join(f"{k}: {v}" for k, v in quantizer.quantization.items()))
     return _finish(quantizer, args, start)

@@ -47,6 +47,9 @@ class EvoPressSettings:
     windows: list[int] | None = None
     """Calibration windows scored at each selection step (growing); the parent re-enters at the last."""
     max_swaps: int = 3
+    fitness: str = "kl"
+    """"kl": Top-K KL to the dense model (relative output error for encoders; the paper's choice);
+    "perplexity": the candidate's own log-perplexity on the calibration windows (causal LMs)."""
     top_k: int = 100
     seed: int = 0
     state_file: str | os.PathLike | None = None
@@ -59,6 +62,19 @@ class EvoPressSettings:
     default: under the optimum-prune cache, keyed by model, calibration and levels."""
     levels: list[float] | None = None
     """Sparsity / bit-width targets: the levels to store (default: evenly spaced around the target)."""
+    recalibrate: bool = True
+    """Sparsity / bit-width targets: after the search, apply the chosen levels once more block by block from
+    the dense weights (one SparseGPT / GPTQ pass, each Linear calibrated on the inputs of the model as
+    chosen) and keep that model if its fitness beats the one stitched from the store."""
+
+    def search_key(self) -> dict[str, Any]:
+        """The fields that define a search's trajectory (a state file resumes only a search with equal ones)."""
+        key = asdict(self)
+        key.pop("recalibrate")
+        if key["fitness"] == "kl":  # added later: at its default, state files written before still resume
+            key.pop("fitness")
+        key.update(generations=None, state_file=None, level_store=None)  # where and how long, not which search
+        return key
 
     @classmethod
     def of(cls, value: "EvoPressSettings | dict[str, Any] | None") -> "EvoPressSettings":
@@ -256,7 +272,7 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
         raise ValueError(f"can drop 1 to {depth - 1} of the model's {depth} blocks, got {n}")
     s = settings.resolved(kept=(2 if sublayers else 1) * (depth - n), dropped=(2 if sublayers else 1) * n,
                           available_windows=input_ids.shape[0])
-    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
 
     def sets(state: list[int]) -> tuple[set[int], set[int]]:
         if sublayers:
@@ -287,15 +303,14 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
     initial = [1 if p in seeds[best_seed] else 0 for p in range(depth)]
     initial = initial + initial if sublayers else initial
     groups = [list(range(depth)), list(range(depth, 2 * depth))] if sublayers else [list(range(depth))]
-    run_key = fingerprint("evopress-depth", input_ids, depth, n, sublayers, asdict(s) | {"generations": None,
-                                                                                         "state_file": None})
+    run_key = fingerprint("evopress-depth", input_ids, depth, n, sublayers, s.search_key())
     result = evolve(initial, lambda st, g: swap_mutation(st, groups, g, s.max_swaps), fitness, s, run_key=run_key,
                     progress=progress, description="EvoPress depth", pool=input_ids.shape[0])
     attention, mlp = sets(result.state)
     final = fitness(result.state, len(s.windows) - 1)  # on the seeds' windows, so the two compare
     info = {"method": "evopress", "target": "depth", "units": "sublayers" if sublayers else "blocks", "removed": n,
-            "fitness": final, "search_fitness": result.fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
-            "relative output error", "generations": result.generations, "offspring": s.offspring,
+            "fitness": final, "search_fitness": result.fitness, "fitness_metric": scorer.name,
+            "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
             "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,
             "seed_fitness": seed_fitness, "history": [round(h, 6) for h in result.history]}
@@ -352,7 +367,7 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
     start = dp_select(items, budget)
     initial = [o.index(j) for o, j in zip(order, start)]
     s = settings.resolved(kept=len(items), dropped=4, available_windows=input_ids.shape[0])
-    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
     stitcher = Stitcher(model, database)
 
     def picked(state: list[int]) -> list[int]:
@@ -361,8 +376,7 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
     def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
         return scorer(stitcher.build(items, picked(state)), rows if rows is not None else list(range(s.windows[step])))
 
-    run_key = fingerprint("evopress-structure", input_ids, target_speedup, table.to_dict(),
-                          asdict(s) | {"generations": None, "state_file": None})
+    run_key = fingerprint("evopress-structure", input_ids, target_speedup, table.to_dict(), s.search_key())
     result = evolve(initial, lambda st, g: budget_mutation(st, costs, budget, g, s.max_swaps), fitness, s,
                     run_key=run_key, progress=progress, description=f"EvoPress structure {target_speedup:g}x",
                     pool=input_ids.shape[0])
@@ -370,7 +384,7 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
     info = {"method": "evopress", "target": "structure", "target_speedup": target_speedup,
             "predicted_speedup": round(table.dense_ms / predicted_ms(items, chosen, table), 4),
             "fitness": result.fitness, "start_fitness": result.initial_fitness,
-            "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else "relative output error",
+            "fitness_metric": scorer.name,
             "generations": result.generations, "offspring": s.offspring, "survivors": s.survivors,
             "tokens": [w * input_ids.shape[1] for w in s.windows], "evaluations": result.evaluations, "seed": s.seed,
             "start": "ziplm dp", "history": [round(h, 6) for h in result.history]}

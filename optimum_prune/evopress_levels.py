@@ -6,14 +6,19 @@ another of the same group one level down: levels are evenly spaced, so the avera
 stays exactly on target. The search starts from the best by fitness of uniform levels and, for
 sparsity, the inverse-Hessian K-means scheduler's allocation, and a greedy allocation of the store's
 own OBS losses.
+
+The store's blocks were calibrated on inputs of a uniformly compressed prefix; with ``recalibrate`` the
+chosen levels are then applied once more block by block from the dense weights (each Linear calibrated on
+the inputs of the model as chosen), and that model is kept if its fitness beats the stitched one's.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .engine.compress import CompressionPlan, QuantRecord, compress_model
 from .engine.layers import get_weight, set_weight
 from .engine.level_store import LevelStore, build_level_store, sparsity_levels
 from .engine.quant import QuantSpec
@@ -102,6 +111,41 @@ class StoreLoader:
                 module = self.modules[i]
                 set_weight(module, self.store.weight(i, level, get_weight(module).dtype))
                 self.current[i] = level
+
+
+class DenseSnapshot:
+    """The store's Linears' dense weights, kept on disk (one file per block) while the search overwrites them."""
+
+    def __init__(self, model: nn.Module, store: LevelStore, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.units = store.units
+        modules = dict(model.named_modules())
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for u in store.units:
+            by_layer.setdefault(u.layer, {})[u.name] = get_weight(modules[u.name]).detach().cpu().contiguous()
+        for layer, tensors in by_layer.items():  # one block in memory at a time
+            save_file(tensors, str(self.directory / f"dense-{layer}.safetensors"))
+            tensors.clear()
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for layer in sorted({u.layer for u in self.units}):
+            with safe_open(str(self.directory / f"dense-{layer}.safetensors"), "pt") as f:
+                for name in f.keys():
+                    module = modules[name]
+                    set_weight(module, f.get_tensor(name).to(get_weight(module).dtype))
+
+
+def level_plan(store: LevelStore, state: list[int], *, dampening: float, blocksize: int) -> CompressionPlan:
+    """The engine plan that applies ``state``'s level to every Linear of the store (SparseGPT or GPTQ)."""
+    if store.kind == "sparsity":
+        return CompressionPlan(method="sparsegpt", unit_sparsity={u.name: float(store.levels[j])
+                                                                  for u, j in zip(store.units, state)},
+                               dampening=dampening, blocksize=blocksize)
+    return CompressionPlan(method=None, unit_quant={u.name: replace(store.quant, bits=int(store.levels[j]))
+                                                    for u, j in zip(store.units, state)},
+                           dampening=dampening, blocksize=blocksize)
 
 
 def average(store: LevelStore, state: list[int]) -> float:
@@ -215,17 +259,14 @@ def _scheduler_sparsity(store: LevelStore, target: float) -> dict[int, float] | 
 
 
 def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, target: float, *,
-                  settings: EvoPressSettings | None = None, batch_size: int = 4, progress: bool = True
-                  ) -> tuple[list[int], dict[str, Any]]:
+                  settings: EvoPressSettings | None = None, batch_size: int = 4, progress: bool = True,
+                  scorer: CalibrationScorer | None = None) -> tuple[list[int], dict[str, Any]]:
     """EvoPress over the store's levels at average ``target`` (sparsity or bits); the best state is left
     loaded in ``model``. Returns (level index per unit, search info)."""
-    settings = settings or EvoPressSettings()
+    s = resolved_level_settings(settings, store, input_ids)
     groups = shape_groups(store)
     n = len(store.units)
-    if settings.generations is None:
-        settings = replace(settings, generations=int(min(400, max(20, n))))
-    s = settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
-    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size)
+    scorer = scorer or CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
     loader = StoreLoader(model, store)
 
     def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
@@ -235,8 +276,7 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     starts = seeds(store, target, groups)
     seed_fitness = {name: fitness(state, len(s.windows) - 1) for name, state in starts.items()}
     best = min(seed_fitness, key=seed_fitness.get)
-    run_key = fingerprint("evopress-levels", store.info.get("key"), input_ids, target,
-                          asdict(s) | {"generations": None, "state_file": None, "level_store": None})
+    run_key = fingerprint("evopress-levels", store.info.get("key"), input_ids, target, s.search_key())
     result = evolve(starts[best], lambda st, g: level_mutation(st, groups, len(store.levels), g, s.max_swaps),
                     fitness, s, run_key=run_key, progress=progress, description=f"EvoPress {store.kind}",
                     pool=input_ids.shape[0])
@@ -246,14 +286,24 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
         levels.setdefault(str(unit.layer), {})[unit.path] = store.levels[j]
     info = {"method": "evopress", "target": store.kind, "average": round(average(store, result.state), 6),
             "requested": target, "fitness": final, "search_fitness": result.fitness, "start": best,
-            "seed_fitness": seed_fitness, "fitness_metric": f"top-{s.top_k} KL" if scorer.causal else
-            "relative output error", "generations": result.generations, "offspring": s.offspring,
+            "seed_fitness": seed_fitness, "fitness_metric": scorer.name,
+            "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
             "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed,
             "level_values": store.levels,
             "units": n, "unit_groups": len(groups), "level_store_mib": round(store.nbytes() / 2**20, 1),
             "history": [round(h, 6) for h in result.history], "levels": levels}
     return result.state, info
+
+
+def resolved_level_settings(settings: EvoPressSettings | None, store: LevelStore, input_ids: torch.Tensor
+                            ) -> EvoPressSettings:
+    """Defaults for a level search: as many generations as Linears (20 to 400), the rest as ``resolved``."""
+    settings = settings or EvoPressSettings()
+    n = len(store.units)
+    if settings.generations is None:
+        settings = replace(settings, generations=int(min(400, max(20, n))))
+    return settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
 
 
 def default_levels(kind: str, target: float) -> list[float]:
@@ -278,10 +328,22 @@ def store_directory(model: nn.Module, input_ids: torch.Tensor, kind: str, levels
     return base / "levels" / f"{kind}-{key[:16]}"
 
 
+@dataclass
+class LevelSearchOutcome:
+    """What a level search leaves: the chosen level per unit, the search info, the store, and (bits) the
+    GPTQ records of the model as it stands (from the store or from the sequential final pass)."""
+
+    state: list[int]
+    info: dict[str, Any]
+    store: LevelStore
+    records: dict[str, QuantRecord] | None = None
+
+
 def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, target: float,
                      settings: EvoPressSettings | None, options: SequentialOptions, *, quant: QuantSpec | None = None,
-                     dampening: float = 0.01, blocksize: int = 128) -> tuple[list[int], dict[str, Any], LevelStore]:
-    """Build (or reuse) the level store, then search; the chosen levels are left loaded in ``model``."""
+                     dampening: float = 0.01, blocksize: int = 128) -> LevelSearchOutcome:
+    """Build (or reuse) the level store, search, and (``settings.recalibrate``) compare the stitched model with
+    a sequential pass at the chosen levels; the better by fitness is left in ``model``."""
     settings = settings or EvoPressSettings()
     levels = list(settings.levels) if settings.levels else default_levels(kind, target)
     check_target(kind, target, levels)  # before the (long) store build
@@ -293,15 +355,37 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
     store = build_level_store(model, input_ids, directory, kind=kind, levels=levels, quant=quant,
                               dampening=dampening, blocksize=blocksize, propagate=propagate, options=options)
     store_seconds = time.perf_counter() - start
-    state, info = search_levels(model, input_ids, store, target, settings=settings,
-                                batch_size=min(options.batch_size, 4), progress=options.progress)
+    s = resolved_level_settings(settings, store, input_ids)
+    batch_size = min(options.batch_size, 4)
+    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    records = None
+    with tempfile.TemporaryDirectory(prefix=".dense-", dir=directory.parent) as tmp:
+        snapshot = DenseSnapshot(model, store, tmp) if s.recalibrate else None
+        state, info = search_levels(model, input_ids, store, target, settings=s, batch_size=batch_size,
+                                    progress=options.progress, scorer=scorer)
+        info.update(search_seconds=round(time.perf_counter() - start - store_seconds, 1), final="store")
+        if kind == "bits":
+            records = {u.name: store.record(i, j) for i, (u, j) in enumerate(zip(store.units, state))}
+        if snapshot is not None:
+            pass_start = time.perf_counter()
+            snapshot.restore(model)
+            result = compress_model(model, input_ids, level_plan(store, state, dampening=dampening,
+                                                                 blocksize=blocksize),
+                                    replace(options, description=f"EvoPress {kind}: sequential pass"))
+            sequential = scorer(model, list(range(s.windows[-1])))  # the seeds' windows, as info["fitness"]
+            info.update(stitched_fitness=info["fitness"], sequential_fitness=sequential,
+                        sequential_pass_seconds=round(time.perf_counter() - pass_start, 1))
+            if sequential < info["fitness"]:
+                info.update(final="sequential", fitness=sequential)
+                records = result.quantized if kind == "bits" else None
+            else:
+                StoreLoader(model, store).load(state)
     info.update(level_store=str(directory), level_store_seconds=round(store_seconds, 1),
-                search_seconds=round(time.perf_counter() - start - store_seconds, 1),
                 model_mib=round(model_bytes / 2**20, 1))
-    logger.info("EvoPress %s: level store %.1f MiB on disk (model %.1f MiB), average %.4g", kind,
-                info["level_store_mib"], info["model_mib"], info["average"])
-    return state, info, store
+    logger.info("EvoPress %s: level store %.1f MiB on disk (model %.1f MiB), average %.4g, final model: %s", kind,
+                info["level_store_mib"], info["model_mib"], info["average"], info["final"])
+    return LevelSearchOutcome(state, info, store, records)
 
 
-__all__ = ["default_levels", "run_level_search", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "loss_greedy", "StoreLoader", "average", "seeds", "search_levels"]
+__all__ = ["default_levels", "run_level_search", "LevelSearchOutcome", "DenseSnapshot", "level_plan", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "loss_greedy", "StoreLoader", "average", "seeds", "search_levels"]

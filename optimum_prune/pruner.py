@@ -335,9 +335,9 @@ class Pruner(CompressionSession):
         settings = EvoPressSettings.of(settings)
         start = time.perf_counter()
         ids, calib_info = self.calibration_data(options)
-        state, info, store = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,
-                                              options.sequential("EvoPress sparsity"), dampening=dampening,
-                                              blocksize=blocksize)
+        outcome = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,
+                                   options.sequential("EvoPress sparsity"), dampening=dampening, blocksize=blocksize)
+        state, info, store = outcome.state, outcome.info, outcome.store
         kept: dict[str, float] = {}
         total: dict[str, int] = {}
         for unit, level in zip(store.units, state):  # parameter-weighted mean sparsity of each block

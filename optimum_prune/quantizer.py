@@ -112,10 +112,9 @@ class Quantizer(CompressionSession):
         ids, calib_info = self.calibration_data(options)
         start = time.perf_counter()
         grid = QuantSpec(4, group_size, symmetric, act_order)
-        state, info, store = run_level_search(self.model, ids, "bits", average_bits, settings,
-                                              options.sequential("EvoPress bits"), quant=grid, dampening=dampening,
-                                              blocksize=blocksize)
-        self.records = {unit.name: store.record(i, level) for i, (unit, level) in enumerate(zip(store.units, state))}
+        outcome = run_level_search(self.model, ids, "bits", average_bits, settings, options.sequential("EvoPress bits"),
+                                   quant=grid, dampening=dampening, blocksize=blocksize)
+        self.records, info = outcome.records, outcome.info
         metrics = dict(self.pruning_config.metrics or {})
         metrics.update(average_bits=info["average"], level_store_mib=info["level_store_mib"], model_mib=info["model_mib"],
                        compression_seconds=round(time.perf_counter() - start, 2))

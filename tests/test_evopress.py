@@ -217,3 +217,34 @@ def test_evopress_structure_search_stays_within_the_latency_budget(tmp_path):
     torch.testing.assert_close(outputs(reloaded), outputs(pruned), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one target_speedup"):
         Pruner(FAMILIES["llama-gqa"].build()).prune(method="evopress", target="structure", latency_table=table)
+
+
+def test_perplexity_fitness_is_the_candidates_own_calibration_nll():
+    from optimum_prune.evaluation import perplexity
+
+    model = FAMILIES["llama-gqa"].build()
+    settings = EvoPressSettings(**FAST, fitness="perplexity")
+    result = search_depth(model, CALIB, num_blocks=1, sublayers=True, settings=settings, progress=False)
+    info = result.info
+    assert info["fitness_metric"].startswith("calibration log-perplexity")
+    assert info["fitness"] <= min(info["seed_fitness"].values()) + 1e-12
+    with dropped_sublayers(model, set(result.drop_attention), set(result.drop_mlp)):  # unchopped: index = position
+        nll = perplexity(model, input_ids=CALIB[:8], batch_size=4, progress=False).mean_nll
+    assert info["fitness"] == pytest.approx(nll, rel=1e-6)
+
+
+def test_perplexity_fitness_refuses_encoders_and_unknown_metrics():
+    with pytest.raises(ValueError, match="fitness='kl'"):
+        search_depth(FAMILIES["bert"].build(), CALIB, num_blocks=1,
+                     settings=EvoPressSettings(**FAST, fitness="perplexity"), progress=False)
+    with pytest.raises(ValueError, match="kl, perplexity"):
+        search_depth(FAMILIES["llama-gqa"].build(), CALIB, num_blocks=1,
+                     settings=EvoPressSettings(**FAST, fitness="ppl"), progress=False)
+
+
+def test_settings_that_do_not_steer_the_search_keep_its_state_file_key():
+    base = EvoPressSettings(**FAST).search_key()
+    assert EvoPressSettings(**FAST, recalibrate=False, state_file="x", level_store="y").search_key() == base
+    assert EvoPressSettings(**dict(FAST, generations=99)).search_key() == base
+    assert EvoPressSettings(**FAST, fitness="perplexity").search_key() != base
+    assert EvoPressSettings(**dict(FAST, seed=1)).search_key() != base

@@ -267,3 +267,84 @@ def test_unreachable_target_fails_before_the_store_is_built(tmp_path):
                                                           evopress=dict(level_store=str(tmp_path / "b"),
                                                                         levels=[2, 3, 4]))
     assert not any(tmp_path.iterdir())
+
+
+def test_unit_plan_gives_every_linear_its_own_sparsity_and_bits():
+    from optimum_prune.engine.compress import CompressionPlan, compress_model
+
+    model = FAMILIES["llama-gqa"].build()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    wanted = {n: [0.25, 0.5, 0.75][i % 3] for i, n in enumerate(names)}
+    compress_model(model, CALIB, CompressionPlan("sparsegpt", unit_sparsity=wanted), OPTIONS)
+    modules = dict(model.named_modules())
+    for name, sparsity in wanted.items():
+        weight = get_weight(modules[name])
+        assert float((weight == 0).float().mean()) == pytest.approx(sparsity, abs=0.02), name
+    model = FAMILIES["llama-gqa"].build()
+    bits = {n: QuantSpec(2 + i % 3, 16) for i, n in enumerate(names)}
+    result = compress_model(model, CALIB, CompressionPlan(None, unit_quant=bits), OPTIONS)
+    assert {n: r.spec.bits for n, r in result.quantized.items()} == {n: s.bits for n, s in bits.items()}
+
+
+def test_dense_snapshot_restores_the_dense_weights(tmp_path):
+    from optimum_prune.evopress_levels import DenseSnapshot
+
+    model = FAMILIES["llama-gqa"].build()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    store = build_level_store(model, CALIB, tmp_path / "s", kind="sparsity", levels=[0.5, 0.7], options=OPTIONS)
+    snapshot = DenseSnapshot(model, store, tmp_path)
+    StoreLoader(model, store).load([1] * len(store.units))
+    assert not all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+    snapshot.restore(model)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("spoil", [False, True])
+def test_sequential_pass_is_kept_only_when_its_fitness_is_lower(tmp_path, monkeypatch, spoil):
+    """The final model is the better (by fitness on the seeds' windows) of the stitched one and a sequential
+    SparseGPT pass at the chosen levels; spoiling the pass must make the stitched model win."""
+    from optimum_prune import evopress_levels as el
+    from optimum_prune.engine.compress import compress_model
+
+    if spoil:
+        def spoiled(model, *args, **kwargs):
+            result = compress_model(model, *args, **kwargs)
+            with torch.no_grad():  # the pass only rewrites the blocks' Linears: spoil those
+                for name, m in model.named_modules():
+                    if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                        m.weight.add_(torch.randn(m.weight.shape, generator=torch.Generator().manual_seed(0)))
+            return result
+        monkeypatch.setattr(el, "compress_model", spoiled)
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    model = pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, batch_size=4,
+                         progress=False, evopress=dict(FAST, level_store=str(tmp_path / "store"),
+                                                       levels=[0.3, 0.4, 0.5, 0.6, 0.7]))
+    search = pruner.pruning_config.search
+    stitched, sequential = search["stitched_fitness"], search["sequential_fitness"]
+    assert search["fitness"] == min(stitched, sequential)
+    assert search["final"] == ("sequential" if sequential < stitched else "store")
+    if spoil:
+        assert search["final"] == "store"
+    # the model left is the one named: rebuild it both ways from the dense model and the chosen levels
+    store = LevelStore(tmp_path / "store")
+    names = {u.name: (u, j) for u, j in zip(store.units, [store.levels.index(search["levels"][str(u.layer)][u.path])
+                                                         for u in store.units])}
+    rebuilt = FAMILIES["llama-gqa"].build()
+    state = [j for _, j in names.values()]
+    if search["final"] == "store":
+        StoreLoader(rebuilt, store).load(state)
+    else:
+        compress_model(rebuilt, CALIB, el.level_plan(store, state, dampening=0.01, blocksize=128), OPTIONS)
+    assert torch.equal(logits(rebuilt), logits(model))
+
+
+def test_without_recalibrate_the_stitched_model_is_kept(tmp_path):
+    q = Quantizer(FAMILIES["llama-gqa"].build())
+    q.quantize(method="evopress", average_bits=3.0, group_size=16, calibration=CALIB, batch_size=4, progress=False,
+               evopress=dict(FAST, level_store=str(tmp_path / "store"), recalibrate=False))
+    search = q.pruning_config.search
+    assert search["final"] == "store" and "sequential_fitness" not in search
+    store = LevelStore(tmp_path / "store")
+    for i, unit in enumerate(store.units):
+        level = store.levels.index(search["levels"][str(unit.layer)][unit.path])
+        assert torch.equal(q.records[unit.name].codes, store.record(i, level).codes)

@@ -40,25 +40,39 @@ class CompressionPlan:
     quant: dict[int, QuantSpec] = field(default_factory=dict)
     blocksize: int = 128
     dampening: float = 0.01
+    unit_sparsity: dict[str, float] = field(default_factory=dict)
+    """Per full Linear name: a sparsity that overrides its layer's (EvoPress's per-Linear levels)."""
+    unit_quant: dict[str, QuantSpec] = field(default_factory=dict)
+    """Per full Linear name: a quantization grid that overrides its layer's (per-Linear bit-widths)."""
 
-    def prune_spec(self, layer: int) -> PruneSpec | None:
+    def prune_spec(self, layer: int, name: str | None = None) -> PruneSpec | None:
         if self.method is None:
             return None
-        spec = PruneSpec(self.sparsity.get(layer, 0.0), self.n, self.m, self.method)
+        sparsity = self.unit_sparsity.get(name, self.sparsity.get(layer, 0.0)) if name else \
+            self.sparsity.get(layer, 0.0)
+        spec = PruneSpec(sparsity, self.n, self.m, self.method)
         return spec if spec.active else None
+
+    def quant_spec(self, layer: int, name: str | None = None) -> QuantSpec | None:
+        return self.unit_quant.get(name, self.quant.get(layer)) if name else self.quant.get(layer)
 
     @property
     def needs_hessians(self) -> str | None:
-        if self.quant or self.method == "sparsegpt":
+        if self.quant or self.unit_quant or self.method == "sparsegpt":
             return "full"
         if self.method == "wanda":
             return "diag"
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method, "sparsity": self.sparsity, "n": self.n, "m": self.m,
-                "quant": {k: v.to_dict() for k, v in self.quant.items()}, "blocksize": self.blocksize,
-                "dampening": self.dampening}
+        out = {"method": self.method, "sparsity": self.sparsity, "n": self.n, "m": self.m,
+               "quant": {k: v.to_dict() for k, v in self.quant.items()}, "blocksize": self.blocksize,
+               "dampening": self.dampening}
+        if self.unit_sparsity:
+            out["unit_sparsity"] = self.unit_sparsity
+        if self.unit_quant:
+            out["unit_quant"] = {k: v.to_dict() for k, v in self.unit_quant.items()}
+        return out
 
 
 @dataclass
@@ -91,15 +105,15 @@ class _BlockCompressor:
 
     def __call__(self, layer: int, block: nn.Module, groups: list[LinearGroup],
                  hessians: dict[str, torch.Tensor]) -> dict[str, Any]:
-        prune = self.plan.prune_spec(layer)
-        quant = self.plan.quant.get(layer)
         total_loss, zeros, numel, damp = 0.0, 0, 0, 0.0
         for group in groups:
             H = hessians.get(group.kind)
             if H is not None and H.dim() == 1:
                 H = torch.diag(H)  # Wanda collected only the diagonal
             for module in group.modules:
-                self._layer_of[self.names[id(module)]] = layer
+                name = self.names[id(module)]
+                self._layer_of[name] = layer
+                prune, quant = self.plan.prune_spec(layer, name), self.plan.quant_spec(layer, name)
                 result = compress_weight(get_weight(module), H, prune=prune, quant=quant,
                                          blocksize=self.plan.blocksize, percdamp=self.plan.dampening)
                 set_weight(module, result.weight)
@@ -127,10 +141,10 @@ class _BlockCompressor:
         return out
 
     def import_state(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-        quant = self.plan.quant.get(layer)
         for key in tensors:
             if key.endswith(".codes"):
                 name = key[: -len(".codes")]
+                quant = self.plan.quant_spec(layer, name)
                 self.quantized[name] = QuantRecord(tensors[key], tensors[f"{name}.scale"],
                                                    tensors.get(f"{name}.zero"), quant.for_columns(tensors[key].shape[1]))
                 self._layer_of[name] = layer

@@ -15,7 +15,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from ..engine.sequential import SequentialOptions
-from ..evaluation import is_causal_lm, kl_to_reference, reference_logprobs
+from ..evaluation import is_causal_lm, kl_to_reference, perplexity, reference_logprobs
 from ..modeling.pruning_config import PruningConfig
 from ..modeling.surgery import current_structure
 from .database import LevelDatabase, build_database
@@ -62,16 +62,27 @@ class ZipLMOutcome:
 
 
 class CalibrationScorer:
-    """Calibration score of a candidate: Top-K KL to the dense model (LMs) or relative output error (encoders)."""
+    """Calibration score of a candidate: Top-K KL to the dense model (LMs) or relative output error (encoders);
+    ``metric="perplexity"``: the candidate's own mean NLL on the windows (log-perplexity, no dense reference)."""
 
-    def __init__(self, dense: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int) -> None:
+    METRICS = ("kl", "perplexity")
+
+    def __init__(self, dense: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int, metric: str = "kl") -> None:
+        if metric not in self.METRICS:
+            raise ValueError(f"unknown fitness {metric!r}; choose one of {', '.join(self.METRICS)}")
         self.ids = ids
         self.batch_size = batch_size
+        self.metric = metric
         self.causal = is_causal_lm(dense)
-        if self.causal:
-            self.reference = reference_logprobs(dense, ids, top_k, batch_size=batch_size, progress=False)
-        else:
-            self.reference = self._hidden(dense)
+        if metric == "perplexity" and not self.causal:
+            raise ValueError(f"fitness='perplexity' needs a causal LM; {type(dense).__name__} is an encoder: use the "
+                             "default fitness='kl' (relative output error to the dense encoder)")
+        self.reference = None  # perplexity needs none
+        if metric == "kl":
+            self.reference = (reference_logprobs(dense, ids, top_k, batch_size=batch_size, progress=False)
+                              if self.causal else self._hidden(dense))
+        self.name = ("calibration log-perplexity (mean NLL)" if metric == "perplexity" else
+                     f"top-{top_k} KL" if self.causal else "relative output error")
 
     @torch.no_grad()
     def _hidden(self, model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,6 +96,9 @@ class CalibrationScorer:
 
     def __call__(self, model: nn.Module, rows: list[int] | None = None) -> float:
         """Score on all windows, or on the windows ``rows`` (a minibatch of them)."""
+        if self.metric == "perplexity":
+            ids = self.ids if rows is None else self.ids[torch.as_tensor(rows, dtype=torch.long)]
+            return perplexity(model, input_ids=ids, batch_size=self.batch_size, progress=False).mean_nll
         if self.causal:
             reference = self.reference if rows is None else self.reference.subset(rows)
             return kl_to_reference(model, reference, batch_size=self.batch_size, progress=False)
