@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from optimum_prune import Pruner, PruningConfig
+from optimum_prune import Pruner
 from zoo import FAMILIES, STRUCTURES, inputs, outputs
 
 # Run Python with optimum_prune made unimportable, as on a machine where the plugin is not installed.

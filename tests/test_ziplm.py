@@ -333,8 +333,6 @@ def test_cli_prunes_a_family_to_target_speedups(tmp_path, capsys):
 # ------------------------------------------------------------------------------ gradual mode
 @pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2"])
 def test_masking_a_structure_equals_removing_it(family):
-    from zoo import STRUCTURES
-
     from optimum_prune.distill import apply_masks
     from optimum_prune.modeling.pruning_config import PruningConfig
     from optimum_prune.modeling.surgery import apply_structure
