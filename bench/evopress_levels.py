@@ -129,9 +129,10 @@ def write_table(out: Path) -> None:
         if row in results:
             r = results[row]
             final = f", final: {r['final']}" if r.get("sequential_fitness") is not None else ""
+            built = f"built in {r['level_store_s']:.0f} s" if r["level_store_s"] >= 1 else "reused (see NOTES.md)"
             lines.append(f"| {row} | EvoPress (start: {r['start']}{final}) | {r['perplexity']:.2f} | {r['average']:.4g} | "
                          f"{r['wall_s']:.0f} | {r['level_store_mib']:.0f} MiB on disk (model {r['model_mib']:.0f} MiB), "
-                         f"built in {r['level_store_s']:.0f} s | {r['search_s']:.0f} |")
+                         f"{built} | {r['search_s']:.0f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
