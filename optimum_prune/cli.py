@@ -67,7 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--level-store", help="EvoPress sparsity: directory of the per-Linear level store (reused)")
     prune.add_argument("--fitness", choices=["kl", "perplexity"], default="kl",
                        help="EvoPress fitness: KL to the dense model (default) or the candidate's calibration perplexity")
-    prune.add_argument("--no-recalibrate", action="store_true", help="EvoPress sparsity / bits: keep the model stitched from the level store (skip the sequential pass at the chosen levels)")
+    prune.add_argument("--no-recalibrate", action="store_true",
+                       help="EvoPress sparsity / bits: keep the model stitched from the level store "
+                       "(skip the sequential pass at the chosen levels)")
     prune.add_argument("--target-speedup", type=float, nargs="+", metavar="X",
                        help="ZipLM: one or more speedups (e.g. 1.5 2 3); several targets write OUTPUT/<target>x")
     prune.add_argument("--latency-table", help="ZipLM: a table saved by `optimum-prune latency` (else measured "
@@ -123,7 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--level-store", help="EvoPress: directory of the per-Linear level store (reused)")
     quant.add_argument("--fitness", choices=["kl", "perplexity"], default="kl",
                        help="EvoPress fitness: KL to the dense model (default) or the candidate's calibration perplexity")
-    quant.add_argument("--no-recalibrate", action="store_true", help="EvoPress sparsity / bits: keep the model stitched from the level store (skip the sequential pass at the chosen levels)")
+    quant.add_argument("--no-recalibrate", action="store_true",
+                       help="EvoPress sparsity / bits: keep the model stitched from the level store "
+                       "(skip the sequential pass at the chosen levels)")
     quant.add_argument("--state-file", help="EvoPress: search state file; an interrupted search resumes from it")
     _calibration_args(quant)
 

@@ -133,8 +133,7 @@ class DenseSnapshot:
         for layer in sorted({u.layer for u in self.units}):
             with safe_open(str(self.directory / f"dense-{layer}.safetensors"), "pt") as f:
                 for name in f.keys():
-                    module = modules[name]
-                    set_weight(module, f.get_tensor(name).to(get_weight(module).dtype))
+                    set_weight(modules[name], f.get_tensor(name))  # copies into the module's dtype and device
 
 
 def level_plan(store: LevelStore, state: list[int], *, dampening: float, blocksize: int) -> CompressionPlan:
@@ -365,8 +364,6 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
         state, info = search_levels(model, input_ids, store, target, settings=s, batch_size=batch_size,
                                     progress=options.progress, scorer=scorer)
         info.update(search_seconds=round(time.perf_counter() - start - store_seconds, 1), final="store")
-        if kind == "bits":
-            records = {u.name: store.record(i, j) for i, (u, j) in enumerate(zip(store.units, state))}
         if snapshot is not None:
             pass_start = time.perf_counter()
             snapshot.restore(model)
@@ -381,6 +378,8 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
                 records = result.quantized if kind == "bits" else None
             else:
                 StoreLoader(model, store).load(state)
+    if kind == "bits" and records is None:  # the stitched model's codes, straight from the store
+        records = {u.name: store.record(i, j) for i, (u, j) in enumerate(zip(store.units, state))}
     info.update(level_store=str(directory), level_store_seconds=round(store_seconds, 1),
                 model_mib=round(model_bytes / 2**20, 1))
     logger.info("EvoPress %s: level store %.1f MiB on disk (model %.1f MiB), average %.4g, final model: %s", kind,

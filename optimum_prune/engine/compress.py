@@ -48,13 +48,11 @@ class CompressionPlan:
     def prune_spec(self, layer: int, name: str | None = None) -> PruneSpec | None:
         if self.method is None:
             return None
-        sparsity = self.unit_sparsity.get(name, self.sparsity.get(layer, 0.0)) if name else \
-            self.sparsity.get(layer, 0.0)
-        spec = PruneSpec(sparsity, self.n, self.m, self.method)
+        spec = PruneSpec(self.unit_sparsity.get(name, self.sparsity.get(layer, 0.0)), self.n, self.m, self.method)
         return spec if spec.active else None
 
     def quant_spec(self, layer: int, name: str | None = None) -> QuantSpec | None:
-        return self.unit_quant.get(name, self.quant.get(layer)) if name else self.quant.get(layer)
+        return self.unit_quant.get(name, self.quant.get(layer))
 
     @property
     def needs_hessians(self) -> str | None:
