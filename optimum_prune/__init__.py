@@ -10,6 +10,7 @@ from .modeling.adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter, Unsup
 from .modeling.modeling_pruned import register as _register
 from .modeling.pruning_config import PruningConfig, PruningConfigError
 from .calibration import get_calibration_data
+from .loading import ModelLoadError
 from .pruner import Pruner
 from .quantizer import Quantizer
 from .report import PruningSummary
@@ -21,6 +22,7 @@ __all__ = [
     "Pruner",
     "Quantizer",
     "get_calibration_data",
+    "ModelLoadError",
     "PruningConfig",
     "PruningConfigError",
     "PruningSummary",

@@ -46,6 +46,10 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 DEFAULT_MODEL = "smollm2"
 
 
+class ModelLoadError(ValueError):
+    """The checkpoint could not be read (missing, unreachable or a corrupt config.json); says how to fix it."""
+
+
 def resolve_embedded(name: str) -> tuple[str, str | None, str] | None:
     """(directory, gguf_file, base_model) for an embedded model name, or None for other names."""
     spec = EMBEDDED_MODELS.get(name)
@@ -126,7 +130,14 @@ def load_model(
         load_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
     config_kwargs = {k: v for k, v in load_kwargs.items()
                      if k in ("gguf_file", "revision", "trust_remote_code", "token", "cache_dir")}
-    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    except OSError as err:
+        if "not a valid JSON" in str(err):
+            raise ModelLoadError(f"{err} Restore it from the original checkpoint (download it again, or re-save the "
+                                 "model with save_pretrained).") from err
+        raise ModelLoadError(f"{err} Give a local checkpoint directory, a .gguf file with gguf_file=, an embedded "
+                             f"name ({', '.join(EMBEDDED_MODELS)}) or a reachable Hub id.") from err
     get_adapter(config)  # an unsupported family fails here, before weights are read
     task = task or infer_task(config)
     logger.info("loading %s as %s", name_or_path, TASKS[task][0])

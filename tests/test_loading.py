@@ -62,6 +62,17 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
         Pruner.from_pretrained(str(tmp_path))
 
 
+def test_corrupt_or_missing_checkpoint_says_how_to_fix_it(tmp_path):
+    from optimum_prune import ModelLoadError
+
+    FAMILIES["llama-gqa"].build().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not a valid JSON.*Restore it from the original checkpoint"):
+        Pruner.from_pretrained(str(tmp_path / "model"))
+    with pytest.raises(ModelLoadError, match="Give a local checkpoint directory.*smollm2"):
+        Pruner.from_pretrained(str(tmp_path / "no" / "such" / "model"))
+
+
 def test_local_directory_round_trip_keeps_the_head(tmp_path):
     FAMILIES["bert-cls"].build().save_pretrained(tmp_path / "dense")
     pruner = Pruner.from_pretrained(str(tmp_path / "dense"), tokenizer=False)
