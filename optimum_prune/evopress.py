@@ -67,6 +67,10 @@ class EvoPressSettings:
     the dense weights (one SparseGPT / GPTQ pass, each Linear calibrated on the inputs of the model as
     chosen) and keep that model if its fitness beats the one stitched from the store."""
 
+    def __post_init__(self) -> None:
+        if self.fitness not in CalibrationScorer.METRICS:
+            raise ValueError(f"unknown fitness {self.fitness!r}; choose one of {', '.join(CalibrationScorer.METRICS)}")
+
     def search_key(self) -> dict[str, Any]:
         """The fields that define a search's trajectory (a state file resumes only a search with equal ones)."""
         key = asdict(self)

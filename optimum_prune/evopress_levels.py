@@ -305,6 +305,14 @@ def resolved_level_settings(settings: EvoPressSettings | None, store: LevelStore
     return settings.resolved(kept=n, dropped=1, available_windows=input_ids.shape[0])
 
 
+def level_grid(kind: str, target: float, settings: EvoPressSettings) -> list[float]:
+    """The levels to store for ``target`` (the settings' or the default grid), checked to reach it: call it
+    before calibration and the store build, so a bad request fails at once."""
+    levels = list(settings.levels) if settings.levels else default_levels(kind, target)
+    check_target(kind, target, levels)
+    return levels
+
+
 def default_levels(kind: str, target: float) -> list[float]:
     """Sparsity: 5% steps from target − 30% to target + 20% (at most 95%); bits: floor − 1 .. ceil + 2 within 2..8."""
     if kind == "sparsity":
@@ -341,11 +349,11 @@ class LevelSearchOutcome:
 def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, target: float,
                      settings: EvoPressSettings | None, options: SequentialOptions, *, quant: QuantSpec | None = None,
                      dampening: float = 0.01, blocksize: int = 128) -> LevelSearchOutcome:
-    """Build (or reuse) the level store, search, and (``settings.recalibrate``) compare the stitched model with
+    """Build (or reuse) the level store (the fitness reference is taken from the dense model first), search, and (``settings.recalibrate``) compare the stitched model with
     a sequential pass at the chosen levels; the better by fitness is left in ``model``."""
     settings = settings or EvoPressSettings()
-    levels = list(settings.levels) if settings.levels else default_levels(kind, target)
-    check_target(kind, target, levels)  # before the (long) store build
+    levels = level_grid(kind, target, settings)
+    scorer = CalibrationScorer(model, input_ids, settings.top_k, min(options.batch_size, 4), settings.fitness)
     directory = Path(settings.level_store) if settings.level_store else \
         store_directory(model, input_ids, kind, levels, [asdict(quant) if quant else None, target])
     start = time.perf_counter()
@@ -355,14 +363,12 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
                               dampening=dampening, blocksize=blocksize, propagate=propagate, options=options)
     store_seconds = time.perf_counter() - start
     s = resolved_level_settings(settings, store, input_ids)
-    batch_size = min(options.batch_size, 4)
-    scorer = CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     records = None
     with tempfile.TemporaryDirectory(prefix=".dense-", dir=directory.parent) as tmp:
         snapshot = DenseSnapshot(model, store, tmp) if s.recalibrate else None
-        state, info = search_levels(model, input_ids, store, target, settings=s, batch_size=batch_size,
-                                    progress=options.progress, scorer=scorer)
+        state, info = search_levels(model, input_ids, store, target, settings=s, progress=options.progress,
+                                    scorer=scorer)
         info.update(search_seconds=round(time.perf_counter() - start - store_seconds, 1), final="store")
         if snapshot is not None:
             pass_start = time.perf_counter()
@@ -387,4 +393,4 @@ def run_level_search(model: nn.Module, input_ids: torch.Tensor, kind: str, targe
     return LevelSearchOutcome(state, info, store, records)
 
 
-__all__ = ["default_levels", "run_level_search", "LevelSearchOutcome", "DenseSnapshot", "level_plan", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "loss_greedy", "StoreLoader", "average", "seeds", "search_levels"]
+__all__ = ["default_levels", "level_grid", "run_level_search", "LevelSearchOutcome", "DenseSnapshot", "level_plan", "store_directory", "shape_groups", "level_mutation", "round_to_budget", "loss_greedy", "StoreLoader", "average", "seeds", "search_levels"]

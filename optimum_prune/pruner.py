@@ -24,7 +24,7 @@ from .modeling.surgery import apply_structure, current_structure
 from .report import PruningSummary, summarize
 from .session import CompressionSession, RunOptions
 from .evopress import EvoPressSettings, search_depth, search_structure
-from .evopress_levels import run_level_search
+from .evopress_levels import level_grid, run_level_search
 from .ziplm.family import ZipLMFamily
 from .ziplm.latency import (InferenceEnvironment, LatencyTable, SpeedupMeasurement, get_latency_table, measure_speedup,
                             model_signature)
@@ -333,6 +333,7 @@ class Pruner(CompressionSession):
             raise ValueError(f"EvoPress target='sparsity' needs one average sparsity in (0, 1), e.g. sparsity=0.7; "
                              f"got {sparsity!r}")
         settings = EvoPressSettings.of(settings)
+        level_grid("sparsity", float(sparsity), settings)  # an unreachable target fails before calibration
         start = time.perf_counter()
         ids, calib_info = self.calibration_data(options)
         outcome = run_level_search(self.model, ids, "sparsity", float(sparsity), settings,

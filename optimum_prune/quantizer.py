@@ -15,7 +15,7 @@ from .engine.compress import CompressionPlan, QuantRecord, compress_model, unifo
 from .engine.layers import original_layer_indices, zero_fraction
 from .engine.quant import QuantSpec
 from .evopress import EvoPressSettings
-from .evopress_levels import run_level_search
+from .evopress_levels import level_grid, run_level_search
 from .loading import TASKS, task_of_model
 from .packing import FORMAT, check_packable, save_packed
 from .report import summarize
@@ -109,6 +109,7 @@ class Quantizer(CompressionSession):
                        options: RunOptions, dampening: float, blocksize: int) -> PreTrainedModel:
         """EvoPress over per-Linear GPTQ bit-widths; the chosen codes become this Quantizer's packed records."""
         settings = EvoPressSettings.of(settings)
+        level_grid("bits", average_bits, settings)  # an unreachable target fails before calibration
         ids, calib_info = self.calibration_data(options)
         start = time.perf_counter()
         grid = QuantSpec(4, group_size, symmetric, act_order)

@@ -257,7 +257,13 @@ def test_propagated_bits_store_at_the_uniform_level_is_sequential_gptq_exactly(t
         build_level_store(model, CALIB, tmp_path / "x", kind="bits", levels=[2, 4], propagate=3, options=OPTIONS)
 
 
-def test_unreachable_target_fails_before_the_store_is_built(tmp_path):
+def test_unreachable_target_fails_before_the_store_is_built(tmp_path, monkeypatch):
+    from optimum_prune.session import CompressionSession
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration data was prepared for a request that cannot succeed")
+
+    monkeypatch.setattr(CompressionSession, "calibration_data", no_calibration)
     pruner = Pruner(FAMILIES["llama-gqa"].build())
     with pytest.raises(ValueError, match="do not include the target 0.5"):
         pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, progress=False,
@@ -266,6 +272,13 @@ def test_unreachable_target_fails_before_the_store_is_built(tmp_path):
         Quantizer(FAMILIES["llama-gqa"].build()).quantize(method="evopress", average_bits=6.5, calibration=CALIB,
                                                           evopress=dict(level_store=str(tmp_path / "b"),
                                                                         levels=[2, 3, 4]))
+    assert not any(tmp_path.iterdir())
+    monkeypatch.undo()  # the fitness needs the calibration windows, but fails before the store build
+    with pytest.raises(ValueError, match="fitness='kl'"):  # an encoder has no perplexity
+        Pruner(FAMILIES["bert"].build()).prune(method="evopress", target="sparsity", sparsity=0.5,
+                                               calibration=CALIB, progress=False,
+                                               evopress=dict(FAST, fitness="perplexity", levels=[0.4, 0.5, 0.6],
+                                                             level_store=str(tmp_path / "e")))
     assert not any(tmp_path.iterdir())
 
 
