@@ -47,7 +47,7 @@ def main() -> int:
 
     from optimum_prune import Pruner
     from optimum_prune.evaluation import perplexity
-    from optimum_prune.evopress import EvoPressSettings
+    from optimum_prune.methods.evopress.search import EvoPressSettings
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

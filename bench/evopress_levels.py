@@ -54,7 +54,7 @@ def main() -> int:
 
     from optimum_prune import Pruner, Quantizer
     from optimum_prune.evaluation import perplexity
-    from optimum_prune.evopress import EvoPressSettings
+    from optimum_prune.methods.evopress.search import EvoPressSettings
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -142,7 +142,7 @@ def _other_final(dense, search: dict) -> torch.nn.Module:
     from optimum_prune.engine.compress import compress_model
     from optimum_prune.engine.level_store import LevelStore
     from optimum_prune.engine.sequential import SequentialOptions
-    from optimum_prune.evopress_levels import StoreLoader, level_plan
+    from optimum_prune.methods.evopress.levels import StoreLoader, level_plan
 
     store = LevelStore(search["level_store"])
     state = [store.levels.index(search["levels"][str(u.layer)][u.path]) for u in store.units]

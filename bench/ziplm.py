@@ -62,8 +62,8 @@ def main() -> int:
     from optimum_prune.modeling.pruning_config import PruningConfig
     from optimum_prune.modeling.surgery import apply_structure
     from optimum_prune.plotting import plot_tradeoff
-    from optimum_prune.ziplm.latency import InferenceEnvironment, get_latency_table, measure_model_ms, measure_speedup
-    from optimum_prune.ziplm.search import Stitcher, items_from, predicted_ms
+    from optimum_prune.evaluation.latency_table import InferenceEnvironment, get_latency_table, measure_model_ms, measure_speedup
+    from optimum_prune.engine.structure.search import Stitcher, items_from, predicted_ms
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

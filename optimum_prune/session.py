@@ -1,10 +1,11 @@
-"""What the Pruner and the Quantizer share: loading, calibration, provenance, atomic save and Hub upload."""
+"""What the Pruner and the Quantizer share: loading, running any registered method or a recipe, provenance,
+calibration, atomic save (packed when quantized) and Hub upload."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -13,44 +14,43 @@ from huggingface_hub import HfApi
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .calibration import CalibrationSource, load_calibration
-from .engine.sequential import SequentialOptions
-from .loading import load_model
-from .modeling.adapters import get_adapter
+from .calibration import load_calibration
+from .loading import TASKS, load_model, task_of_model
+from .methods.base import ConfigError, MethodConfig, RunConfig
+from .methods.registry import REGISTRY, MethodSpec
+from .modeling.adapters import base_model_type, get_adapter
+from .modeling.modeling_pruned import PrunedModelMixin, pruned_config_class, pruned_model_class
 from .modeling.pruning_config import PruningConfig
-from .modeling.surgery import current_structure
+from .modeling.surgery import apply_structure, current_structure
+from .report import PruningSummary, summarize
 from .saving import atomic_directory
 
 logger = logging.get_logger(__name__)
 
-
-@dataclass
-class RunOptions:
-    """Calibration and execution settings shared by every calibrated method."""
-
-    calibration: CalibrationSource = None
-    num_samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    device: str | torch.device | None = None
-    checkpoint_dir: str | os.PathLike | None = None
-    progress: bool = True
-
-    def sequential(self, description: str) -> SequentialOptions:
-        """The block loop's options for these settings."""
-        return SequentialOptions(batch_size=self.batch_size, device=self.device, checkpoint_dir=self.checkpoint_dir,
-                                 progress=self.progress, description=description)
+RunOptions = RunConfig
+"""The former name of ``RunConfig``."""
 
 
 class CompressionSession:
-    """A model (and tokenizer) being compressed in place, with save / push of the result."""
+    """A model (and tokenizer) being compressed in place, with save / push of the result.
+
+    Every method runs through ``run_method`` (the keyword forms ``Pruner.prune`` / ``Quantizer.quantize`` /
+    ``Pruner.heal`` build its config from their keywords) and every stage is recorded in
+    ``pruning_config.recipe``, so ``run(recipe)`` can run several in order and re-run them from a checkpoint.
+    """
+
+    ziplm_database = None
+    """The level database of the last ZipLM / EvoPress structure run; a later run with the same calibration
+    and grid reuses it."""
+    _ziplm_key: tuple | None = None
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, *, base_model: str | None = None) -> None:
         get_adapter(model)  # fail early, naming the supported architectures
         self.model = model
         self.tokenizer = tokenizer
         self.base_model = base_model or _hub_id(getattr(model.config, "_name_or_path", None))
+        self.records: dict[str, Any] = {}
+        """Packed low-bit codes per quantized Linear (empty until a quantization method runs)."""
         self._calibration_cache: tuple[Any, tuple, torch.Tensor, dict[str, Any]] | None = None
 
     @classmethod
@@ -64,6 +64,71 @@ class CompressionSession:
         """
         model, tokenizer, base_model = load_model(name_or_path, gguf_file=gguf_file, task=task, **kwargs)
         return cls(model, tokenizer, base_model=base_model)
+
+    def spawn(self, model: PreTrainedModel) -> "CompressionSession":
+        """A session of the same kind for another model derived from this one (same tokenizer and calibration)."""
+        member = type(self)(model, self.tokenizer, base_model=self.base_model)
+        member._calibration_cache = self._calibration_cache
+        member._adopt_pruned_class()
+        return member
+
+    # ------------------------------------------------------------------ running methods
+    def run_method(self, config: MethodConfig, run: RunConfig | None = None) -> Any:
+        """Run one method config on this session's model and record it as a recipe stage."""
+        spec = REGISTRY.get(config.name)
+        if self.records:
+            raise RuntimeError("this model is already quantized; start from the dense model (quantization is the "
+                               "last step)")
+        run = run or RunConfig()
+        result = spec.run(self, config, run)
+        self._record_stage(config, run if spec.calibrated else None, result)
+        return result
+
+    def run(self, recipe: Any) -> "CompressionSession":
+        """Run a recipe (a ``Recipe``, its dict, or a YAML / JSON file) stage by stage; returns this session."""
+        from .recipe import Recipe
+
+        recipe = Recipe.of(recipe)
+        for stage in recipe.stages:
+            if getattr(stage.config, "target_speedup", None).__class__ is list:
+                raise ConfigError("a recipe stage prunes to ONE target speedup; run the stages once per target")
+            logger.info("recipe stage %s", stage.config.name)
+            self.run_method(stage.config, recipe.stage_run(stage))
+        return self
+
+    def _keyword_call(self, kind: str, method: Any, kwargs: dict[str, Any], default: str) -> Any:
+        """``prune(method=..., **fields)`` and friends: the config is built from the method's own fields."""
+        run = kwargs.pop("run", None)
+        if isinstance(method, MethodConfig):
+            config, method = method, None
+            if config.kind != kind:
+                raise ConfigError(f"{config.name!r} is a {config.kind} method; call it through "
+                                  f"{'Quantizer.quantize' if config.kind == 'quantize' else 'Pruner.' + config.kind}")
+            spec = REGISTRY.get(config.name)
+            config_kwargs, run_kwargs = {}, _split(kwargs, spec, RunConfig)
+        else:
+            spec = REGISTRY.for_keyword(kind, method or default)
+            config_kwargs, run_kwargs = _split(kwargs, spec, spec.config_class, RunConfig)
+            config = spec.config_class(**config_kwargs)
+        if run is not None and run_kwargs:
+            raise ConfigError(f"pass the run settings either as run= or as keywords, not both ({sorted(run_kwargs)})")
+        run = run if run is not None else RunConfig(**run_kwargs)
+        return self.run_method(config, run)
+
+    def _record_stage(self, config: MethodConfig, run: RunConfig | None, result: Any) -> None:
+        """Append the stage (every default resolved) to ``pruning_config.recipe`` of each model it produced."""
+        from .methods.ziplm.family import ZipLMFamily
+
+        sessions = list(result.values()) if isinstance(result, ZipLMFamily) else [self]
+        for session in sessions:
+            stage = config.to_dict()
+            if isinstance(result, ZipLMFamily):  # each member records the one target that made it
+                stage["target_speedup"] = float(session.pruning_config.target_speedup)
+            if run is not None:
+                stage["run"] = run.to_dict()
+            recipe = list(session.pruning_config.recipe or []) if session is self else list(
+                self.pruning_config.recipe or [])
+            session._record(recipe=recipe + [stage])
 
     # ------------------------------------------------------------------ provenance
     @property
@@ -80,8 +145,35 @@ class CompressionSession:
             config.base_model = self.base_model
         self.model.config.pruning_config = config.to_dict()
 
+    # ------------------------------------------------------------------ structure
+    def apply(self, config: PruningConfig | dict[str, Any]) -> PreTrainedModel:
+        """Physically remove the structures in ``config`` (original indices) and return the model.
+
+        Applying several configs accumulates them. The config is validated first: on an error the
+        model is left unchanged.
+        """
+        if not isinstance(config, PruningConfig):
+            config = PruningConfig.from_dict(config)
+        if config.base_model is None and self.pruning_config.base_model is None and self.base_model:
+            config.base_model = self.base_model
+        apply_structure(self.model, config)
+        self._adopt_pruned_class()
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("pruned: %s", self.summary().to_markdown().splitlines()[2])
+        return self.model
+
+    def _adopt_pruned_class(self) -> None:
+        """Give a structurally pruned model the classes that rebuild its structure at load time."""
+        if current_structure(self.model).is_structured and not isinstance(self.model, PrunedModelMixin):
+            self.model.__class__ = pruned_model_class(self.model)
+            self.model.config.__class__ = pruned_config_class(base_model_type(self.model.config.model_type))
+
+    def summary(self) -> PruningSummary:
+        """Before/after parameters, size and the per-layer structure (print it, or ``.to_markdown()``)."""
+        return summarize(self.model)
+
     # ------------------------------------------------------------------ calibration
-    def calibration_data(self, options: RunOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+    def calibration_data(self, options: RunConfig) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token windows [num_samples, seq_len] for ``options`` (cached per source and sizes) and their description."""
         key = (options.num_samples, options.seq_len, options.seed)
         cache = self._calibration_cache
@@ -92,17 +184,44 @@ class CompressionSession:
         self._calibration_cache = (options.calibration, key, ids, info)
         return ids, info
 
+    # ------------------------------------------------------------------ quantized weights
+    @property
+    def quantization(self) -> dict[str, Any]:
+        """Summary of the grids used (for the card and the CLI)."""
+        from .packing import FORMAT
+
+        specs = {r.spec for r in self.records.values()}
+        bits = sorted({s.bits for s in specs})
+        spec = next(iter(specs)) if specs else None
+        return {"format": f"compressed-tensors {FORMAT}", "bits": bits[0] if len(bits) == 1 else bits,
+                "group_size": spec.group if spec else None, "symmetric": spec.symmetric if spec else None,
+                "act_order": spec.act_order if spec else None, "quantized_linears": len(self.records)}
+
     # ------------------------------------------------------------------ saving
     def model_card(self, repo_id: str | None = None):
-        raise NotImplementedError
+        """The model card (huggingface_hub ``ModelCard``) written beside the weights."""
+        from .card import build_model_card
+
+        task = task_of_model(self.model)
+        load_class, _, pipeline_tag = TASKS[task]
+        return build_model_card(self.summary(), self.pruning_config, pipeline_tag=pipeline_tag,
+                                load_class=load_class, repo_id=repo_id,
+                                quantization=self.quantization if self.records else None)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None, **kwargs: Any) -> Path:
-        """Write weights, config, tokenizer and model card (plus modeling code for structured pruning).
-        Nothing is left behind if it fails."""
+        """Write weights (packed when quantized), config, tokenizer and model card (plus modeling code for
+        structured pruning). Nothing is left behind if it fails."""
+        self._check_savable()
         with atomic_directory(save_directory) as tmp:
             self._write(tmp, repo_id=repo_id, **kwargs)
         logger.info("saved compressed model to %s", save_directory)
         return Path(save_directory)
+
+    def _check_savable(self) -> None:
+        if self.records:
+            from .packing import check_packable
+
+            check_packable(self.model, self.records)
 
     def _write(self, directory: Path, *, repo_id: str | None = None, **kwargs: Any) -> None:
         self._save_weights(directory, **kwargs)
@@ -111,14 +230,24 @@ class CompressionSession:
         self.model_card(repo_id).save(os.path.join(directory, "README.md"))
 
     def _save_weights(self, directory: Path, **kwargs: Any) -> None:
-        self.model.save_pretrained(directory, **kwargs)
+        if self.records:
+            from .packing import save_packed
+
+            save_packed(self.model, directory, self.records, **kwargs)
+        else:
+            self.model.save_pretrained(directory, **kwargs)
 
     def _commit_message(self) -> str:
-        return "Upload compressed model"
+        if self.records:
+            q = self.quantization
+            return f"Upload {q['bits']}-bit GPTQ model ({q['format']})"
+        summary = self.summary()
+        return f"Upload pruned model ({summary.params_before:,} -> {summary.params_after:,} parameters)"
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None, revision: str | None = None, create_pr: bool = False):
         """Upload weights, config, tokenizer, remote code and model card to ``repo_id`` in one commit."""
+        self._check_savable()
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
@@ -126,6 +255,25 @@ class CompressionSession:
             return api.upload_folder(repo_id=repo_id, folder_path=tmp,
                                      commit_message=commit_message or self._commit_message(),
                                      revision=revision, create_pr=create_pr, repo_type="model")
+
+
+def _split(kwargs: dict[str, Any], spec: MethodSpec, *classes: type) -> Any:
+    """Keyword arguments by config class; a keyword no class has fails naming the methods it belongs to."""
+    names = [{f.name for f in fields(c) if f.init} for c in classes]
+    parts: list[dict[str, Any]] = [{} for _ in classes]
+    for key, value in kwargs.items():
+        for part, known in zip(parts, names):
+            if key in known:
+                part[key] = value
+                break
+        else:
+            owners = [s.keyword or s.name for s in REGISTRY.specs()
+                      if s.name != spec.name and key in {f.name for f in fields(s.config_class)}]
+            where = f" (it is a setting of {', '.join(dict.fromkeys(owners))})" if owners else ""
+            valid = ", ".join(sorted(set().union(*names)))
+            raise ConfigError(f"`{key}` is not a setting of {spec.keyword or spec.name}{where}; its settings are: "
+                              f"{valid}")
+    return parts if len(parts) > 1 else parts[0]
 
 
 def _hub_id(name: str | None) -> str | None:

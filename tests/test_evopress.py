@@ -8,7 +8,7 @@ import pytest
 import torch
 from zoo import FAMILIES, VOCAB
 
-from optimum_prune.evopress import (EvoPressSettings, dropped_sublayers, evolve, search_depth, swap_mutation)
+from optimum_prune.methods.evopress.search import (EvoPressSettings, dropped_sublayers, evolve, search_depth, swap_mutation)
 from optimum_prune.modeling.pruning_config import PruningConfig
 from optimum_prune.modeling.surgery import apply_structure
 
@@ -102,7 +102,7 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     expected = search_depth(model, CALIB, num_blocks=2, sublayers=True, settings=EvoPressSettings(**settings),
                             progress=False)
     state_file = tmp_path / "search.json"
-    import optimum_prune.ziplm.method as method
+    import optimum_prune.evaluation.scorer as method
 
     calls = {"n": 0}
     original = method.CalibrationScorer.__call__
@@ -182,7 +182,7 @@ def test_cli_evopress_depth(tmp_path, capsys):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_budget_mutation_never_exceeds_the_budget(seed):
-    from optimum_prune.evopress import budget_mutation
+    from optimum_prune.methods.evopress.search import budget_mutation
 
     g = torch.Generator().manual_seed(seed)
     costs = [tuple(sorted(torch.rand(5, generator=g).tolist())) for _ in range(8)]

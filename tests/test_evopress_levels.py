@@ -14,7 +14,7 @@ from optimum_prune.engine.level_store import LevelStore, build_level_store, spar
 from optimum_prune.engine.obs import PruneSpec, compress_weight
 from optimum_prune.engine.quant import QuantSpec
 from optimum_prune.engine.sequential import SequentialOptions
-from optimum_prune.evopress_levels import (StoreLoader, average, level_mutation, round_to_budget, seeds,
+from optimum_prune.methods.evopress.levels import (StoreLoader, average, level_mutation, round_to_budget, seeds,
                                            shape_groups)
 
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -158,7 +158,7 @@ def test_greedy_seed_moves_levels_to_where_they_save_more_loss():
     from types import SimpleNamespace
 
     from optimum_prune.engine.level_store import LinearUnit
-    from optimum_prune.evopress_levels import loss_greedy
+    from optimum_prune.methods.evopress.levels import loss_greedy
 
     units = [LinearUnit(i, "mlp.down_proj", f"m{i}", (4, 4)) for i in range(3)]
     # unit 0 barely cares about compression, unit 2 cares a lot
@@ -300,7 +300,7 @@ def test_unit_plan_gives_every_linear_its_own_sparsity_and_bits():
 
 
 def test_dense_snapshot_restores_the_dense_weights(tmp_path):
-    from optimum_prune.evopress_levels import DenseSnapshot
+    from optimum_prune.methods.evopress.levels import DenseSnapshot
 
     model = FAMILIES["llama-gqa"].build()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -316,7 +316,7 @@ def test_dense_snapshot_restores_the_dense_weights(tmp_path):
 def test_sequential_pass_is_kept_only_when_its_fitness_is_lower(tmp_path, monkeypatch, spoil):
     """The final model is the better (by fitness on the seeds' windows) of the stitched one and a sequential
     SparseGPT pass at the chosen levels; spoiling the pass must make the stitched model win."""
-    from optimum_prune import evopress_levels as el
+    from optimum_prune.methods.evopress import levels as el
     from optimum_prune.engine.compress import compress_model
 
     if spoil:

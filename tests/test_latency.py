@@ -12,8 +12,8 @@ from zoo import FAMILIES
 
 from optimum_prune import get_adapter
 from optimum_prune.cli import main
-from optimum_prune.ziplm import latency as lat
-from optimum_prune.ziplm.latency import InferenceEnvironment, LatencyTable, get_latency_table, measure_latency_table
+from optimum_prune.evaluation import latency_table as lat
+from optimum_prune.evaluation.latency_table import InferenceEnvironment, LatencyTable, get_latency_table, measure_latency_table
 
 FAST = dict(repeats=2, warmup=1, progress=False)
 ENV = InferenceEnvironment(seq_len=8, threads=1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,7 +13,7 @@ from zoo import FAMILIES, TEXT, VOCAB, Family, _llama, char_tokenizer
 
 from optimum_prune import Pruner, PruningConfig, PruningConfigError
 from optimum_prune.engine.importance import angular_distance, block_influence
-from optimum_prune.layerchop import STRATEGIES, choose_layers
+from optimum_prune.methods.layerchop.strategies import STRATEGIES, choose_layers
 from optimum_prune.session import CompressionSession
 
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -124,9 +122,9 @@ def test_evopress_strategy_calls_the_depth_search(monkeypatch, tmp_path):
         calls.update(num_blocks=num_blocks, progress=progress, samples=input_ids.shape[0], **kwargs)
         return FakeSearch([2, 0], {"generations": 3, "fitness": torch.tensor(0.25), "history": (1.0, 0.5)})
 
-    fake = types.ModuleType("optimum_prune.evopress")
-    fake.search_depth = search_depth
-    monkeypatch.setitem(sys.modules, "optimum_prune.evopress", fake)
+    import optimum_prune.methods.evopress as fake
+
+    monkeypatch.setattr(fake, "search_depth", search_depth, raising=False)
     pruner = Pruner(FAMILIES["llama-gqa"].build())
     pruner.prune("layerchop", num_layers=2, strategy="evopress", strategy_options={"generations": 3},
                  calibration=CALIB, progress=False)
@@ -138,15 +136,9 @@ def test_evopress_strategy_calls_the_depth_search(monkeypatch, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(outputs(reloaded), outputs(pruner.model), rtol=1e-5, atol=1e-5)
 
-    fake.search_depth = lambda *a, **k: FakeSearch([0, 7])
+    monkeypatch.setattr(fake, "search_depth", lambda *a, **k: FakeSearch([0, 7]), raising=False)
     with pytest.raises(RuntimeError, match="expected 2 distinct original indices"):
         choose_layers(FAMILIES["llama-gqa"].build(), CALIB, 2, "evopress")
-
-
-def test_evopress_missing_fails_clearly_at_call_time(monkeypatch):
-    monkeypatch.setitem(sys.modules, "optimum_prune.evopress", None)  # makes the import fail
-    with pytest.raises(ValueError, match="EvoPress depth search"):
-        choose_layers(FAMILIES["llama-gqa"].build(), CALIB, 1, "evopress")
 
 
 # ------------------------------------------------------------------------------ bad requests

@@ -15,8 +15,8 @@ from optimum_prune.engine.layers import get_weight
 from optimum_prune.engine.obs import dampened_inverse
 from optimum_prune.engine.sequential import SequentialOptions
 from optimum_prune.modeling.adapters import get_module
-from optimum_prune.ziplm.database import _StructuredOBS, attention_levels, build_database, mlp_levels, refit
-from optimum_prune.ziplm.search import (Item, Stitcher, UnreachableTargetError, budget_for, dp_select, items_from,
+from optimum_prune.engine.structure.database import _StructuredOBS, attention_levels, build_database, mlp_levels, refit
+from optimum_prune.engine.structure.search import (Item, Stitcher, UnreachableTargetError, budget_for, dp_select, items_from,
                                         predicted_ms)
 
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -217,7 +217,7 @@ def test_unreachable_target_names_the_reachable_range():
 # ------------------------------------------------------------------------------ Pruner entry point
 def proportional_table(model, rest_ms: float = 2.0):
     """A deterministic LatencyTable (times proportional to the units kept) for the model's shapes."""
-    from optimum_prune.ziplm.latency import InferenceEnvironment, LatencyTable, model_signature
+    from optimum_prune.evaluation.latency_table import InferenceEnvironment, LatencyTable, model_signature
 
     dims = get_adapter(model).dims(model.config)
     attention = {(g, q): 0.25 * g * q for g in range(1, dims.num_kv_heads + 1) for q in range(1, dims.heads_per_group + 1)}
@@ -336,7 +336,7 @@ def test_masking_a_structure_equals_removing_it(family):
     from optimum_prune.distill import apply_masks
     from optimum_prune.modeling.pruning_config import PruningConfig
     from optimum_prune.modeling.surgery import apply_structure
-    from optimum_prune.ziplm.masking import structure_masks
+    from optimum_prune.engine.structure.masking import structure_masks
 
     structure = PruningConfig(remove_heads={0: [0, 1], 2: [1, 3]}, remove_neurons={1: [0, 5, 7]}, drop_attention=[3],
                               drop_mlp=[2])
@@ -353,7 +353,7 @@ def test_distillation_finetune_keeps_masks_and_moves_towards_the_teacher():
     from optimum_prune.distill import apply_masks, finetune
     from optimum_prune.evaluation import kl_divergence
     from optimum_prune.modeling.pruning_config import PruningConfig
-    from optimum_prune.ziplm.masking import structure_masks
+    from optimum_prune.engine.structure.masking import structure_masks
 
     teacher = FAMILIES["llama-gqa"].build()
     student = copy.deepcopy(teacher)
@@ -397,7 +397,7 @@ def test_gradual_ziplm_removes_more_at_every_step_and_reloads(tmp_path):
 
 
 def test_measured_miss_re_aims_the_search():
-    from optimum_prune.ziplm.method import ZipLMSettings, run_ziplm
+    from optimum_prune.methods.ziplm.method import ZipLMSettings, run_ziplm
 
     model = FAMILIES["llama-gqa"].build()
     table = proportional_table(model)
@@ -419,8 +419,9 @@ def test_measured_miss_re_aims_the_search():
 
 
 def test_sensitivity_probes_give_one_positive_coefficient_per_sublayer_and_seed_the_search():
-    from optimum_prune.ziplm.method import CalibrationScorer, ZipLMSettings, run_ziplm
-    from optimum_prune.ziplm.search import probe_coefficients
+    from optimum_prune.evaluation.scorer import CalibrationScorer
+    from optimum_prune.methods.ziplm.method import ZipLMSettings, run_ziplm
+    from optimum_prune.engine.structure.search import probe_coefficients
 
     model = FAMILIES["llama-gqa"].build()
     table = proportional_table(model)
@@ -436,8 +437,8 @@ def test_sensitivity_probes_give_one_positive_coefficient_per_sublayer_and_seed_
 
 
 def test_refinement_that_loses_on_held_out_windows_is_dropped():
-    from optimum_prune.ziplm.method import _holdout_check
-    from optimum_prune.ziplm.search import SearchResult
+    from optimum_prune.methods.ziplm.method import _holdout_check
+    from optimum_prune.engine.structure.search import SearchResult
 
     model = FAMILIES["llama-gqa"].build()
     table = proportional_table(model)

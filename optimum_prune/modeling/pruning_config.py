@@ -84,6 +84,8 @@ class PruningConfig:
     layer_bits: dict[str, int] | None = None
     metrics: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
+    recipe: list[dict[str, Any]] | None = None
+    """The stages that made this model, every default resolved (``optimum-prune run --recipe-from``)."""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..pruner import Pruner
+    from ...pruner import Pruner
 
 
 class ZipLMFamily(dict):

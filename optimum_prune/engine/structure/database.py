@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..engine.hessian import ResidualNorms
-from ..engine.layers import LinearGroup, get_weight
-from ..engine.obs import dampened_inverse
-from ..engine.sequential import SequentialOptions, run_sequential
-from ..modeling.adapters import ModelDims, get_adapter
+from ..hessian import ResidualNorms
+from ..layers import LinearGroup, get_weight
+from ..obs import dampened_inverse
+from ..sequential import SequentialOptions, run_sequential
+from ...modeling.adapters import ModelDims, get_adapter
 
 logger = logging.get_logger(__name__)
 
@@ -280,3 +280,20 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
             layers[layer].scale = max(value, 1e-12)
     return LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
                                         "calibration_tokens": int(input_ids.numel())})
+
+
+
+def reusable_database(owner: Any, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float
+                      ) -> LevelDatabase | None:
+    """``owner.ziplm_database`` if it was built from these very windows with this grid and dampening, else None
+    (ZipLM and EvoPress's structure search share one database per session)."""
+    cached = getattr(owner, "_ziplm_key", None)
+    if cached is not None and cached[0] is input_ids and cached[1] == (tuple(sorted(mlp_kept)), dampening):
+        return owner.ziplm_database
+    return None
+
+
+def keep_database(owner: Any, input_ids: torch.Tensor, database: LevelDatabase, *, mlp_kept: list[int],
+                  dampening: float) -> None:
+    """Remember ``database`` on ``owner`` for the next run with the same windows, grid and dampening."""
+    owner.ziplm_database, owner._ziplm_key = database, (input_ids, (tuple(sorted(mlp_kept)), dampening))

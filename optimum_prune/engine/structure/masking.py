@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..distill import Masks
-from ..modeling.adapters import get_adapter, get_module
-from ..modeling.pruning_config import PruningConfig
+from ...distill import Masks
+from ...modeling.adapters import get_adapter, get_module
+from ...modeling.pruning_config import PruningConfig
 
 
 def structure_masks(model: nn.Module, structure: PruningConfig) -> Masks:

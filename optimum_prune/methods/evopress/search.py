@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,81 +26,15 @@ from torch import nn
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .engine.importance import angular_distance, block_influence
-from .engine.layers import original_layer_indices
-from .engine.sequential import fingerprint
-from .modeling.adapters import get_adapter, get_module, set_module
-from .modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjection, out_features
-from .ziplm.method import CalibrationScorer
+from ...engine.importance import angular_distance, block_influence
+from ...engine.layers import original_layer_indices
+from ...engine.sequential import fingerprint
+from ...modeling.adapters import get_adapter, get_module, set_module
+from ...modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjection, out_features
+from ...evaluation.scorer import CalibrationScorer
+from .config import EvoPressSettings
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class EvoPressSettings:
-    """Search settings; ``None`` fields are scaled from the paper's to the problem (see ``resolved``)."""
-
-    generations: int | None = None
-    offspring: int | None = None
-    survivors: list[int] | None = None
-    """Candidates kept after each selection step but the last (the last keeps one)."""
-    windows: list[int] | None = None
-    """Calibration windows scored at each selection step (growing); the parent re-enters at the last."""
-    max_swaps: int = 3
-    fitness: str = "kl"
-    """"kl": Top-K KL to the dense model (relative output error for encoders; the paper's choice);
-    "perplexity": the candidate's own log-perplexity on the calibration windows (causal LMs)."""
-    top_k: int = 100
-    seed: int = 0
-    state_file: str | os.PathLike | None = None
-    """Search state (JSON, rewritten every generation): an interrupted search resumes from it."""
-    fresh_windows: bool = True
-    """Draw each selection step's windows afresh from the calibration set (the paper's minibatches; the
-    parent is re-scored with the last step's survivors); False: the first windows every time."""
-    level_store: str | os.PathLike | None = None
-    """Sparsity / bit-width targets: directory of the per-Linear level store (built once, then reused);
-    default: under the optimum-prune cache, keyed by model, calibration and levels."""
-    levels: list[float] | None = None
-    """Sparsity / bit-width targets: the levels to store (default: evenly spaced around the target)."""
-    recalibrate: bool = True
-    """Sparsity / bit-width targets: after the search, apply the chosen levels once more block by block from
-    the dense weights (one SparseGPT / GPTQ pass, each Linear calibrated on the inputs of the model as
-    chosen) and keep that model if its fitness beats the one stitched from the store."""
-
-    def __post_init__(self) -> None:
-        if self.fitness not in CalibrationScorer.METRICS:
-            raise ValueError(f"unknown fitness {self.fitness!r}; choose one of {', '.join(CalibrationScorer.METRICS)}")
-
-    def search_key(self) -> dict[str, Any]:
-        """The fields that define a search's trajectory (a state file resumes only a search with equal ones)."""
-        key = asdict(self)
-        key.pop("recalibrate")
-        if key["fitness"] == "kl":  # added later: at its default, state files written before still resume
-            key.pop("fitness")
-        key.update(generations=None, state_file=None, level_store=None)  # where and how long, not which search
-        return key
-
-    @classmethod
-    def of(cls, value: "EvoPressSettings | dict[str, Any] | None") -> "EvoPressSettings":
-        """Settings from an ``EvoPressSettings``, a dict of its fields, or None (the defaults)."""
-        if value is None:
-            return cls()
-        return cls(**value) if isinstance(value, dict) else value
-
-    def resolved(self, kept: int, dropped: int, available_windows: int) -> "EvoPressSettings":
-        """Defaults: the paper's depth settings (k(n−k)/1.5 generations × 32 offspring, survivors 2→1 on
-        growing tokens) cut to what a CPU run affords: at most 200 generations and 16 offspring."""
-        generations = self.generations if self.generations is not None else \
-            int(min(200, max(10, kept * dropped / 1.5)))
-        offspring = self.offspring if self.offspring is not None else 16
-        windows = self.windows or [max(1, available_windows // 8), max(1, available_windows // 2), available_windows]
-        windows = [min(w, available_windows) for w in windows]
-        survivors = self.survivors or [max(2, offspring // 4), 2][: len(windows) - 1]
-        if len(survivors) != len(windows) - 1:
-            raise ValueError(f"need one survivors count per selection step but the last: {len(windows) - 1} "
-                             f"for windows={windows}, got {survivors}")
-        return replace(self, generations=generations, offspring=offspring, survivors=list(survivors),
-                       windows=list(windows))
 
 
 # --------------------------------------------------------------------------- the evolutionary engine
@@ -361,7 +295,7 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
 
     Returns (chosen level index per item, the items, search info).
     """
-    from .ziplm.search import Stitcher, budget_for, dp_select, items_from, predicted_ms
+    from ...engine.structure.search import Stitcher, budget_for, dp_select, items_from, predicted_ms
 
     settings = settings or EvoPressSettings()
     items = items_from(database, table)

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from ..evaluation import _accepts, _eval_no_grad, _max_positions, is_causal_lm, measure_latency
+from . import _accepts, _eval_no_grad, _max_positions, is_causal_lm, measure_latency
 from ..modeling.adapters import ArchitectureAdapter, base_model_type, get_adapter
 from ..modeling.pruning_config import CONFIG_KEY, ModelDims, PruningConfig
 from ..modeling.surgery import apply_structure
@@ -922,3 +922,30 @@ __all__ = [
     "model_signature",
 ]
 
+
+
+def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_table: Any = None, *,
+                          device: Any = None, progress: bool = True) -> LatencyTable:
+    """The table a speedup target refers to: ``latency_table`` (a table, its dict or its JSON file, checked against
+    the model), else one measured (or read from the cache) in ``latency`` (an environment or its fields; unset
+    device and dtype follow ``device`` or the model)."""
+    if latency_table is not None:
+        if isinstance(latency_table, LatencyTable):
+            table = latency_table
+        elif isinstance(latency_table, dict):
+            table = LatencyTable.from_dict(latency_table)
+        else:
+            table = LatencyTable.load(latency_table)
+        if table.model != model_signature(model):
+            raise ValueError(f"the latency table was measured for {table.model}, not for this model "
+                             f"({model_signature(model)}); measure one with `optimum-prune latency`")
+        return table
+    if isinstance(latency, InferenceEnvironment):
+        env = latency
+    else:
+        fields = dict(latency or {})
+        param = next(model.parameters())
+        fields.setdefault("device", str(device or param.device))
+        fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
+        env = InferenceEnvironment(**fields)
+    return get_latency_table(model, env, progress=progress)

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .text import DATASETS, DatasetUnavailableError, read_text, tokenize_text  # noqa: F401 (public API)
+from ..text import DATASETS, DatasetUnavailableError, read_text, tokenize_text  # noqa: F401 (public API)
 
 logger = logging.get_logger(__name__)
 
@@ -195,7 +195,7 @@ def is_causal_lm(model: nn.Module) -> bool:
 def _require_causal_lm(model: nn.Module, what: str) -> None:
     if is_causal_lm(model):
         return
-    from .loading import task_of_model
+    from ..loading import task_of_model
 
     try:
         task = task_of_model(model)
@@ -642,7 +642,7 @@ def model_size(model_or_dir: nn.Module | str | os.PathLike) -> SizeResult:
         return _memory_size(model_or_dir)
     path = os.fspath(model_or_dir)
     if not os.path.exists(path):
-        from .loading import resolve_embedded
+        from ..loading import resolve_embedded
 
         embedded = resolve_embedded(path)
         if embedded is None:
@@ -791,7 +791,7 @@ def lm_eval(
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on an ``argparse`` subparsers object; returns its parser."""
-    from .loading import DEFAULT_MODEL, EMBEDDED_MODELS
+    from ..loading import DEFAULT_MODEL, EMBEDDED_MODELS
 
     p = subparsers.add_parser("eval", help="perplexity, KL to the dense model, latency and size of a model",
                               description="Evaluate a model with the project protocol (perplexity over the first "
@@ -824,7 +824,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``optimum-prune eval``: load, evaluate, print the table, write JSON; 0 on success, 2 on bad input."""
-    from .loading import load_model
+    from ..loading import load_model
 
     try:
         text = None

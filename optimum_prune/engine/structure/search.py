@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..engine.layers import get_weight, set_weight
-from ..modeling.adapters import get_adapter, get_module
-from ..modeling.pruning_config import PruningConfig
-from ..modeling.surgery import apply_structure
-from ..distill import apply_masks
+from ..layers import get_weight, set_weight
+from ...modeling.adapters import get_adapter, get_module
+from ...modeling.pruning_config import PruningConfig
+from ...modeling.surgery import apply_structure
+from ...distill import apply_masks
 from .database import LevelDatabase, SublayerDatabase, refit
 from .masking import structure_masks
 
@@ -262,3 +262,12 @@ def refine(items: list[Item], budget: float, score: Callable[[list[int]], float]
         if progress is not None:
             progress(it, best)
     return SearchResult(picked, best, coefficients, evaluations, accepted, start, start_coefficients)
+
+
+def chosen_levels(items: list[Item], picked: list[int]) -> dict[int, dict[str, Any]]:
+    """Per layer: {"attention": [groups, q per group], "mlp": neurons kept} for the PruningConfig."""
+    out: dict[int, dict[str, Any]] = {}
+    for item, j in zip(items, picked):
+        key = item.keys[j]
+        out.setdefault(item.layer, {})[item.kind] = list(key) if isinstance(key, tuple) else key
+    return out

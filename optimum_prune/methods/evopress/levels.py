@@ -29,14 +29,15 @@ from transformers.utils import logging
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .engine.compress import CompressionPlan, QuantRecord, compress_model
-from .engine.layers import get_weight, set_weight
-from .engine.level_store import LevelStore, build_level_store, sparsity_levels
-from .engine.quant import QuantSpec
-from .engine.schedule import LayerStatistics, hessian_kmeans
-from .engine.sequential import SequentialOptions, fingerprint
-from .evopress import EvoPressSettings, evolve
-from .ziplm.method import CalibrationScorer
+from ...engine.compress import CompressionPlan, QuantRecord, compress_model
+from ...engine.layers import get_weight, set_weight
+from ...engine.level_store import LevelStore, build_level_store, sparsity_levels
+from ...engine.quant import QuantSpec
+from ...engine.schedule import LayerStatistics, hessian_kmeans
+from ...engine.sequential import SequentialOptions, fingerprint
+from .config import EvoPressSettings
+from .search import evolve
+from ...evaluation.scorer import CalibrationScorer
 
 logger = logging.get_logger(__name__)
 
@@ -325,7 +326,7 @@ def default_levels(kind: str, target: float) -> list[float]:
 def store_directory(model: nn.Module, input_ids: torch.Tensor, kind: str, levels: list[float], extra: Any = None
                     ) -> Path:
     """Default home of a level store: the optimum-prune cache, keyed by model weights' identity and settings."""
-    from .ziplm.latency import CACHE_ENV_VAR
+    from ...evaluation.latency_table import CACHE_ENV_VAR
 
     root = os.environ.get(CACHE_ENV_VAR)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "optimum_prune"

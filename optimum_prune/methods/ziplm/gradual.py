@@ -17,13 +17,15 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..distill import finetune
-from ..engine.sequential import SequentialOptions
-from ..modeling.surgery import apply_structure
-from .masking import structure_masks
-from .database import build_database
-from .method import CalibrationScorer, ZipLMOutcome, ZipLMSettings, _levels, sensitivity
-from .search import Item, Stitcher, budget_for, check_targets, items_from, predicted_ms, refine
+from ...distill import finetune
+from ...engine.sequential import SequentialOptions
+from ...modeling.surgery import apply_structure
+from ...engine.structure.masking import structure_masks
+from ...engine.structure.database import build_database
+from ...evaluation.scorer import CalibrationScorer
+from .method import ZipLMOutcome, ZipLMSettings, sensitivity
+from ...engine.structure.search import (Item, Stitcher, budget_for, check_targets, chosen_levels, items_from, predicted_ms,
+                                       refine)
 
 logger = logging.get_logger(__name__)
 
@@ -126,6 +128,6 @@ def run_gradual(model: nn.Module, input_ids: torch.Tensor, targets: list[float],
                       scorer.causal else "relative output error", "search_iterations": settings.search_iterations,
                       "finetune_steps_per_stage": tuning.max_steps, "alpha": tuning.alpha, "stages": list(history),
                       "seed": settings.seed}
-            outcomes[target] = ZipLMOutcome(target, final, structure, _levels(items, result.picked), predicted,
+            outcomes[target] = ZipLMOutcome(target, final, structure, chosen_levels(items, result.picked), predicted,
                                             sum(i.losses[j] for i, j in zip(items, result.picked)), after, search)
     return outcomes

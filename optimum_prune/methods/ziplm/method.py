@@ -14,13 +14,13 @@ from torch import nn
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from ..engine.sequential import SequentialOptions
-from ..evaluation import is_causal_lm, kl_to_reference, perplexity, reference_logprobs
-from ..modeling.pruning_config import PruningConfig
-from ..modeling.surgery import current_structure
-from .database import LevelDatabase, build_database
-from .search import (Item, Stitcher, budget_for, check_targets, dp_select, items_from, predicted_ms, probe_coefficients,
-                     reachable_range, refine)
+from ...engine.sequential import SequentialOptions
+from ...engine.structure.database import LevelDatabase, build_database
+from ...engine.structure.search import (Item, Stitcher, budget_for, check_targets, chosen_levels, dp_select, items_from,
+                                        predicted_ms, probe_coefficients, reachable_range, refine)
+from ...evaluation.scorer import CalibrationScorer
+from ...modeling.pruning_config import PruningConfig
+from ...modeling.surgery import current_structure
 
 logger = logging.get_logger(__name__)
 
@@ -59,53 +59,6 @@ class ZipLMOutcome:
     score: float | None
     search: dict[str, Any] = field(default_factory=dict)
     measured_speedup: float | None = None
-
-
-class CalibrationScorer:
-    """Calibration score of a candidate: Top-K KL to the dense model (LMs) or relative output error (encoders);
-    ``metric="perplexity"``: the candidate's own mean NLL on the windows (log-perplexity, no dense reference)."""
-
-    METRICS = ("kl", "perplexity")
-
-    def __init__(self, dense: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int, metric: str = "kl") -> None:
-        if metric not in self.METRICS:
-            raise ValueError(f"unknown fitness {metric!r}; choose one of {', '.join(self.METRICS)}")
-        self.ids = ids
-        self.batch_size = batch_size
-        self.metric = metric
-        self.causal = is_causal_lm(dense)
-        if metric == "perplexity" and not self.causal:
-            raise ValueError(f"fitness='perplexity' needs a causal LM; {type(dense).__name__} is an encoder: use the "
-                             "default fitness='kl' (relative output error to the dense encoder)")
-        self.reference = None  # perplexity needs none
-        if metric == "kl":
-            self.reference = (reference_logprobs(dense, ids, top_k, batch_size=batch_size, progress=False)
-                              if self.causal else self._hidden(dense))
-        self.name = ("calibration log-perplexity (mean NLL)" if metric == "perplexity" else
-                     f"top-{top_k} KL" if self.causal else "relative output error")
-
-    @torch.no_grad()
-    def _hidden(self, model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
-        device = next(model.parameters()).device
-        outs = []
-        for batch in (self.ids if ids is None else ids).split(self.batch_size):
-            batch = batch.to(device)
-            out = model(input_ids=batch, attention_mask=torch.ones_like(batch))
-            outs.append(out.last_hidden_state.float().cpu() if hasattr(out, "last_hidden_state") else out[0].cpu())
-        return torch.cat(outs)
-
-    def __call__(self, model: nn.Module, rows: list[int] | None = None) -> float:
-        """Score on all windows, or on the windows ``rows`` (a minibatch of them)."""
-        if self.metric == "perplexity":
-            ids = self.ids if rows is None else self.ids[torch.as_tensor(rows, dtype=torch.long)]
-            return perplexity(model, input_ids=ids, batch_size=self.batch_size, progress=False).mean_nll
-        if self.causal:
-            reference = self.reference if rows is None else self.reference.subset(rows)
-            return kl_to_reference(model, reference, batch_size=self.batch_size, progress=False)
-        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        hidden = self._hidden(model, None if index is None else self.ids[index])
-        reference = self.reference if index is None else self.reference[index]
-        return float((hidden - reference).pow(2).sum() / reference.pow(2).sum())
 
 
 def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], table, *,
@@ -167,7 +120,7 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
         if scorer is not None and (score_value is None or picked != result.picked):
             score_value = scorer(pruned)
         structure = stitcher.structure(items, picked)
-        levels = _levels(items, picked)
+        levels = chosen_levels(items, picked)
         estimated = sum(item.losses[j] for item, j in zip(items, picked))
         predicted = table.dense_ms / predicted_ms(items, picked, table)
         search = {"method": "ziplm", "target_speedup": target, "predicted_speedup": round(predicted, 4),
@@ -240,12 +193,3 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
         if abs(speed / target - 1) < best[0]:
             best = (abs(speed / target - 1), picked, candidate, speed, aim)
     return best[1], best[2], best[3], {"aimed_at": [round(a, 4) for a in aims], "aim": best[4]}
-
-
-def _levels(items: list[Item], picked: list[int]) -> dict[int, dict[str, Any]]:
-    """Per layer: {"attention": [groups, q per group], "mlp": neurons kept} for the PruningConfig."""
-    out: dict[int, dict[str, Any]] = {}
-    for item, j in zip(items, picked):
-        key = item.keys[j]
-        out.setdefault(item.layer, {})[item.kind] = list(key) if isinstance(key, tuple) else key
-    return out

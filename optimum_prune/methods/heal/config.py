@@ -1,0 +1,62 @@
+"""Settings of healing: continued causal-LM training of a pruned model (plain LM loss or distillation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..base import ConfigError, MethodConfig, option
+from ..common import is_number, json_object
+
+
+@dataclass
+class HealConfig(MethodConfig):
+    """Train all remaining weights on generic text through the transformers Trainer (LayerChop's healing)."""
+
+    name: ClassVar[str] = "heal"
+    kind: ClassVar[str] = "heal"
+
+    train_dataset: Any = option(None, "generic text: a text file, strings, a datasets.Dataset, a dataset name "
+                                      "(e.g. fineweb-edu) or token ids [n, seq_len]", aliases=("--train-data",))
+    max_steps: int = option(1000, "optimizer steps")
+    learning_rate: float = option(2e-5, "learning rate")
+    per_device_train_batch_size: int = option(4, "windows per device and step", aliases=("--batch-size",))
+    gradient_accumulation_steps: int = option(1, "steps whose gradients are summed before an update")
+    seq_len: int = option(512, "tokens per training window")
+    num_samples: int = option(None, "training windows (default: enough for max_steps)")
+    seed: int = option(0, "seed of the window sampling and of the Trainer")
+    distill_from: Any = option(None, "the dense model (or its Pruner, or a path / Hub id) to distill from instead "
+                                     "of the plain LM loss")
+    alpha: float = option(None, "weight of the distillation loss (default 1 with distill_from, else 0)")
+    output_dir: Any = option(None, "keep Trainer checkpoints here (every save_steps)", aliases=("--checkpoint-dir",))
+    save_steps: int = option(None, "with output_dir: steps between checkpoints (default 500)")
+    resume_from_checkpoint: Any = option(None, "True: continue from the last checkpoint in output_dir; or a "
+                                               "checkpoint path", flag="--resume", const=True)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    bf16: bool = option(False, "bf16 mixed precision")
+    training_args: dict = option(None, "further TrainingArguments (JSON), e.g. {\"warmup_steps\": 10}",
+                                 factory=dict, parse=json_object)
+
+    def validate(self) -> None:
+        if self.train_dataset is None:
+            raise ConfigError("heal trains on generic text: pass train_dataset= a text file, strings, a "
+                              "datasets.Dataset, a dataset name (e.g. 'fineweb-edu') or token ids")
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not is_number(self.learning_rate) or not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        self.training_args = dict(self.training_args or {})
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The TrainingArguments beyond the named ones: only what differs from the Trainer's defaults."""
+        args = dict(self.training_args)
+        if self.gradient_accumulation_steps != 1:
+            args["gradient_accumulation_steps"] = self.gradient_accumulation_steps
+        if self.bf16:
+            args["bf16"] = True
+        if self.output_dir is not None and self.save_steps is not None:
+            args.update(save_strategy="steps", save_steps=self.save_steps)
+        args.setdefault("seed", self.seed)
+        return args

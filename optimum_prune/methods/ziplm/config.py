@@ -1,0 +1,101 @@
+"""Settings of ZipLM (arXiv 2302.04089): structured pruning of heads, neurons and sublayers to measured speedups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..base import ConfigBase, ConfigError, MethodConfig, option
+from ..common import is_number, json_object
+
+ENVIRONMENT = "optimum_prune.evaluation.latency_table:InferenceEnvironment"
+"""The latency environment's fields become ``--latency-*`` flags."""
+
+
+@dataclass
+class FinetuneConfig(ConfigBase):
+    """Gradual ZipLM: pruning steps alternate with token-level distillation from the dense model (Trainer)."""
+
+    train_dataset: Any = option(None, "text to fine-tune on between pruning steps: a text file, a dataset name, "
+                                      "strings, a datasets.Dataset or token ids", aliases=("--finetune-data",))
+    max_steps: int = option(100, "optimizer steps after each pruning step", aliases=("--finetune-steps",))
+    stages: int = option(3, "pruning steps up to a single target (speedups spaced geometrically)",
+                         aliases=("--stages",))
+    alpha: float = option(1.0, "weight of the distillation loss (1: distillation only; 0: plain LM loss)")
+    temperature: float = option(1.0, "distillation temperature")
+    learning_rate: float = option(5e-5, "fine-tuning learning rate", aliases=("--learning-rate",))
+    per_device_train_batch_size: int = option(4, "windows per device and optimizer step")
+    num_samples: int = option(None, "training windows (default: max_steps x batch size)")
+    seq_len: int = option(None, "tokens per training window (default: the calibration seq_len)")
+    training_args: dict = option(None, "further TrainingArguments (JSON), e.g. {\"warmup_steps\": 10}",
+                                 factory=dict, parse=json_object)
+
+    def validate(self) -> None:
+        if self.train_dataset is None:
+            raise ConfigError("gradual ZipLM fine-tunes between pruning steps: pass finetune=dict(train_dataset=..., "
+                              "max_steps=...) with a text file, strings, a datasets.Dataset or token ids")
+        for name in ("max_steps", "stages", "per_device_train_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"finetune {name} must be a positive integer, got {value!r}")
+        self.training_args = dict(self.training_args or {})
+
+    @classmethod
+    def of(cls, value: Any) -> "FinetuneConfig | None":
+        """From a ``FinetuneConfig``, a dict of its fields (unknown keys are TrainingArguments) or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        known = {name for name in cls.__dataclass_fields__}
+        args = dict(value)
+        extra = {k: args.pop(k) for k in list(args) if k not in known}
+        if extra:
+            args["training_args"] = {**extra, **dict(args.get("training_args") or {})}
+        return cls(**args)
+
+
+@dataclass
+class ZipLMConfig(MethodConfig):
+    """Remove heads, FFN neurons and sublayers to meet target speedups measured in your inference environment."""
+
+    name: ClassVar[str] = "ziplm"
+
+    target_speedup: Any = option(None, "one speedup (1.5 = 1.5x faster), or a list for one model per target "
+                                       "(CLI: 1.25 1.5 2; several targets write OUTPUT/<target>x)")
+    latency: Any = option(None, "the inference environment the speedup is measured in: an InferenceEnvironment or "
+                                "its fields (device, dtype, batch_size, seq_len, mode, threads); default: this "
+                                "device and dtype, batch 1 x 512 tokens, prefill", nested=ENVIRONMENT,
+                          prefix="latency-")
+    latency_table: Any = option(None, "a latency table (or its JSON file from `optimum-prune latency`) instead "
+                                      "of measuring one here")
+    search_iterations: int = option(30, "randomized refinement steps per target (0: the DP's choice on OBS "
+                                        "losses alone)")
+    search_samples: int = option(8, "calibration windows that score the refinement's candidates")
+    measure_speedup: bool = option(True, "time the pruned model against the dense one and record the speedup")
+    speedup_tolerance: float = option(0.03, "re-aim the search while the measured speedup misses by more than this")
+    dampening: float = option(0.01, "Hessian dampening, as a fraction of the mean diagonal")
+    finetune: Any = option(None, "gradual ZipLM: a FinetuneConfig or its fields (train_dataset, max_steps, stages, "
+                                 "...); None: one-shot", nested="optimum_prune.methods.ziplm.config:FinetuneConfig",
+                           prefix="finetune-")
+
+    def validate(self) -> None:
+        target = self.target_speedup
+        if target is None:
+            raise ConfigError("ZipLM prunes to a target speedup: pass target_speedup=1.5 (or a list, e.g. "
+                              "[1.25, 1.5, 2.0], for one model per target)")
+        if isinstance(target, (list, tuple)) and len(target) == 1 and not isinstance(target, list):
+            target = list(target)
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        if not targets or any(not is_number(t) or not t > 0 for t in targets):
+            raise ConfigError(f"target speedups must be positive numbers (1.5 = 1.5x faster), got {target!r}")
+        self.target_speedup = [float(t) for t in target] if isinstance(target, (list, tuple)) else float(target)
+        if self.latency is not None and not isinstance(self.latency, dict) and not hasattr(self.latency, "key"):
+            raise ConfigError("latency must be an InferenceEnvironment or a dict of its fields (device, dtype, "
+                              f"batch_size, seq_len, mode, threads), got {self.latency!r}")
+        self.finetune = FinetuneConfig.of(self.finetune)
+        if not is_number(self.dampening) or not self.dampening > 0:
+            raise ConfigError(f"dampening must be a positive number, got {self.dampening!r}")
+
+    @property
+    def targets(self) -> list[float]:
+        t = self.target_speedup
+        return list(t) if isinstance(t, list) else [t]

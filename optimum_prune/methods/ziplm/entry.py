@@ -1,0 +1,86 @@
+"""ZipLM on a session's dense model: one level database, one search per target, measured speedups, records."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers.utils import logging
+
+from ...calibration import load_calibration
+from ...engine.structure.database import keep_database, reusable_database
+from ...engine.structure.search import check_targets
+from ...evaluation.latency_table import SpeedupMeasurement, measure_speedup, resolve_latency_table
+from ..base import RunConfig
+from .config import FinetuneConfig, ZipLMConfig
+from .family import ZipLMFamily
+from .gradual import FinetuneSettings, run_gradual
+from .method import ZipLMSettings, run_ziplm
+
+logger = logging.get_logger(__name__)
+
+
+def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
+    """One target: the session's model is pruned and returned; several: a ``ZipLMFamily`` of new sessions."""
+    targets = config.targets
+    start = time.perf_counter()
+    table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
+                                  progress=options.progress)
+    check_targets(targets, table)
+    tuning = finetune_settings(session, config.finetune, options) if config.finetune is not None else None
+    ids, calib_info = session.calibration_data(options)
+    env = table.environment
+    settings = ZipLMSettings(search_iterations=config.search_iterations, search_samples=config.search_samples,
+                             dampening=config.dampening, seed=options.seed,
+                             speedup_tolerance=config.speedup_tolerance)
+    timings: dict[int, SpeedupMeasurement] = {}
+
+    def speedup_of(model) -> float:
+        timings[id(model)] = measure_speedup(session.model, model, env)
+        return timings[id(model)].speedup
+
+    if tuning is not None:
+        outcomes = run_gradual(session.model, ids, targets, table, tuning, settings=settings,
+                               options=options.sequential("ZipLM"))
+        database = None
+    else:
+        grid = sorted(table.mlp)
+        reuse = reusable_database(session, ids, mlp_kept=grid, dampening=settings.dampening)
+        outcomes, database = run_ziplm(session.model, ids, targets, table, settings=settings,
+                                       options=options.sequential("ZipLM"), database=reuse,
+                                       measure=speedup_of if config.measure_speedup else None)
+        keep_database(session, ids, database, mlp_kept=grid, dampening=settings.dampening)
+    family = ZipLMFamily()
+    for target, outcome in outcomes.items():
+        member = session.spawn(outcome.model)
+        speed = outcome.measured_speedup if outcome.measured_speedup is not None else \
+            (speedup_of(outcome.model) if config.measure_speedup else None)
+        timing = timings.get(id(outcome.model))
+        dense_ms, pruned_ms = (timing.dense_ms, timing.pruned_ms) if timing else (None, None)
+        measured = round(speed, 4) if speed else None
+        metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
+                   "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
+                   "level_database_mib": round(database.nbytes() / 2**20, 2) if database else None,
+                   "compression_seconds": round(time.perf_counter() - start, 2)}
+        member._record(method=outcome.search.get("method", "ziplm"), target_speedup=target, measured_speedup=measured,
+                       latency_environment=env.to_dict(), calibration=calib_info, metrics=metrics,
+                       search={**outcome.search, "levels": {str(k): v for k, v in outcome.levels.items()}})
+        if measured is not None:
+            logger.info("ZipLM %gx: measured %.3fx (predicted %.3fx)", target, measured, outcome.predicted_speedup)
+        family[target] = member
+    if not isinstance(config.target_speedup, list):
+        session.model = family[targets[0]].model
+        return session.model
+    return family
+
+
+def finetune_settings(session: Any, finetune: FinetuneConfig, options: RunConfig) -> FinetuneSettings:
+    """Gradual mode's settings; the training windows are read like calibration data (same tokenizer)."""
+    args = dict(finetune.training_args)
+    args.update(learning_rate=finetune.learning_rate, per_device_train_batch_size=finetune.per_device_train_batch_size)
+    num_samples = finetune.num_samples or finetune.max_steps * finetune.per_device_train_batch_size
+    seq_len = finetune.seq_len or options.seq_len
+    train_ids, _ = load_calibration(finetune.train_dataset, session.tokenizer, num_samples=num_samples,
+                                    seq_len=seq_len, seed=options.seed + 1, model=session.model)
+    return FinetuneSettings(train_ids=train_ids, training_args=args, max_steps=finetune.max_steps,
+                            stages=finetune.stages, alpha=finetune.alpha, temperature=finetune.temperature)
