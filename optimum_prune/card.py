@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
 from .modeling.pruning_config import PruningConfig
+from .records import RunRecord
 from .report import PruningSummary
 
 
@@ -28,10 +29,11 @@ def build_model_card(
     repo_id: str | None = None,
     quantization: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """A card with Hub metadata, what was removed, the parameter reduction and any measured figures."""
+    """A card with Hub metadata, what was removed, the parameter reduction and the run record's figures."""
+    record = RunRecord.from_config(structure)
     tags = ["optimum-prune", "pruned"] if not quantization else ["optimum-prune", "compressed-tensors", "gptq"]
-    if structure.method:
-        tags.append(structure.method)
+    if record.method:
+        tags.append(record.method)
     data = ModelCardData(
         base_model=structure.base_model,
         library_name="transformers",
@@ -41,27 +43,29 @@ def build_model_card(
     name = repo_id or "this model"
     origin = f"[{structure.base_model}](https://huggingface.co/{structure.base_model})" if structure.base_model else "a dense model"
     measured = []
-    for label, value in (("method", structure.method), ("target speedup", structure.target_speedup),
-                         ("measured speedup", structure.measured_speedup)):
+    for label, value in (("method", record.method), ("target speedup", record.target_speedup),
+                         ("measured speedup", record.measured_speedup)):
         if value is not None:
             measured.append(f"| {label} | {_fmt(value)} |")
-    if structure.latency_environment:
-        env = ", ".join(f"{k}={_fmt(v)}" for k, v in structure.latency_environment.items())
+    if record.latency_environment:
+        env = ", ".join(f"{k}={_fmt(v)}" for k, v in record.latency_environment.items())
         measured.append(f"| latency environment | {env} |")
-    if structure.calibration:
-        calib = ", ".join(f"{k}={_fmt(v)}" for k, v in structure.calibration.items())
+    if record.calibration:
+        calib = ", ".join(f"{k}={_fmt(v)}" for k, v in record.calibration.items())
         measured.append(f"| calibration | {calib} |")
     for key, value in (quantization or {}).items():
         measured.append(f"| quantization {key.replace('_', ' ')} | {_fmt(value)} |")
-    if structure.layer_sparsity and len(set(structure.layer_sparsity.values())) > 1:
-        per_layer = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(structure.layer_sparsity.items(), key=lambda kv: int(kv[0])))
+    if record.layer_sparsity and len(set(record.layer_sparsity.values())) > 1:
+        per_layer = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(record.layer_sparsity.items(), key=lambda kv: int(kv[0])))
         measured.append(f"| sparsity per layer | {per_layer} |")
-    if structure.layer_bits and len(set(structure.layer_bits.values())) > 1:
-        per_layer = ", ".join(f"{k}: {v}" for k, v in sorted(structure.layer_bits.items(), key=lambda kv: int(kv[0])))
+    if record.layer_bits and len(set(record.layer_bits.values())) > 1:
+        per_layer = ", ".join(f"{k}: {v}" for k, v in sorted(record.layer_bits.items(), key=lambda kv: int(kv[0])))
         measured.append(f"| bits per layer | {per_layer} |")
-    for key, value in (structure.metrics or {}).items():
+    for key, value in record.metrics.to_dict().items():
         measured.append(f"| {key} | {_fmt(value)} |")
-    measured += _search_rows(structure.search or {})
+    measured += _search_rows(record.search or {})
+    if structure.recipe:
+        measured.append("| recipe | " + " → ".join(stage.get("method", "?") for stage in structure.recipe) + " |")
     figures = ("\n## Measured\n\n| | |\n|---|---|\n" + "\n".join(measured) + "\n") if measured else ""
     repo = repo_id or "path/to/this/model"
     what = "Quantized" if quantization and not structure.is_structured else "Pruned"
@@ -69,7 +73,7 @@ def build_model_card(
     if structure.is_structured:
         details.append("The removed heads, neurons, sublayers and layers are physically gone: "
                        "the weights are smaller, not zeroed.")
-    if structure.layer_sparsity:
+    if record.layer_sparsity:
         details.append("Weights inside the Linear layers were set to zero (unstructured / N:M sparsity): "
                        "the file is not smaller unless it is also quantized or stored sparse.")
     if quantization:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import fields
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .modeling.adapters import base_model_type, get_adapter
 from .modeling.modeling_pruned import PrunedModelMixin, pruned_config_class, pruned_model_class
 from .modeling.pruning_config import PruningConfig
 from .modeling.surgery import apply_structure, current_structure
+from .records import Metrics, RunRecord
 from .report import PruningSummary, summarize
 from .saving import atomic_directory
 
@@ -135,6 +137,26 @@ class CompressionSession:
     def pruning_config(self) -> PruningConfig:
         """Everything removed so far, by original index, with its provenance (empty for a dense model)."""
         return current_structure(self.model)
+
+    @property
+    def metrics(self) -> Metrics:
+        """What the runs so far measured (typed; see ``optimum_prune.records.Metrics``)."""
+        return Metrics.from_dict(self.pruning_config.metrics)
+
+    @property
+    def run_record(self) -> RunRecord:
+        """The provenance of the last run (method, calibration, targets, metrics, search summary)."""
+        return RunRecord.from_config(self.pruning_config)
+
+    def record(self, *, metrics: Metrics | None = None, **fields: Any) -> None:
+        """Store a run's provenance (the fields of ``RunRecord``) in ``pruning_config``."""
+        known = {f.name for f in dataclass_fields(RunRecord)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"not run-record fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if metrics is not None:
+            fields["metrics"] = metrics.to_dict() or None
+        self._record(**fields)
 
     def _record(self, **fields: Any) -> None:
         """Store provenance fields in the model's ``pruning_config`` (config.json)."""

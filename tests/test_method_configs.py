@@ -216,3 +216,31 @@ def test_cli_flags_build_the_same_config_as_the_python_api():
     args = parser.parse_args(["prune", "--output", "o", "--num-layers", "2", "--sparsity", "0.5"])
     with pytest.raises(ValueError, match="--sparsity: not a setting of layerchop"):
         _configs("prune", args)
+
+
+def test_run_records_are_typed_and_the_card_renders_from_them(tmp_path):
+    from optimum.quantization_base import OptimumQuantizer
+
+    from optimum_prune.records import Metrics, RunRecord
+
+    with pytest.raises(TypeError):
+        Metrics(sparsty=0.5)  # a misspelt metric fails where it is written
+    metrics = Metrics.from_dict({"sparsity": 0.5, "note": 1})
+    assert metrics.sparsity == 0.5 and metrics.extra == {"note": 1}
+    assert metrics.merged(heal_steps=3).to_dict() == {"sparsity": 0.5, "heal_steps": 3, "note": 1}
+    quantizer = Quantizer(FAMILIES["llama-gqa"].build())
+    assert isinstance(quantizer, OptimumQuantizer)  # optimum's quantizer convention: quantize(save_dir=...)
+    quantizer.quantize(bits=4, group_size=8, calibration=torch_ids(), num_samples=4, seq_len=16, progress=False,
+                       save_dir=tmp_path / "w4")
+    record = quantizer.run_record
+    assert isinstance(record, RunRecord) and record.method == "gptq" and record.metrics.compression_seconds > 0
+    with pytest.raises(TypeError, match="not run-record fields: methd"):
+        quantizer.record(methd="x")
+    card = (tmp_path / "w4" / "README.md").read_text()
+    assert "| compression_seconds |" in card and "| recipe | gptq |" in card
+
+
+def torch_ids():
+    import torch
+
+    return torch.randint(1, 90, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ from ...engine.structure.database import build_database, keep_database, reusable
 from ...engine.structure.search import Stitcher, check_targets, chosen_levels
 from ...evaluation.latency_table import measure_speedup, resolve_latency_table
 from ...modeling.pruning_config import PruningConfig
+from ...records import Metrics
 from ..base import RunConfig
 from .config import EvoPressBitsConfig, EvoPressConfig
 from .levels import level_grid, run_level_search
@@ -35,9 +36,8 @@ def _depth(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
     result = search_depth(session.model, ids, num_blocks=count, sublayers=True, settings=config.evopress,
                           batch_size=min(options.batch_size, 4), progress=options.progress)
     session.apply(PruningConfig(drop_attention=result.drop_attention, drop_mlp=result.drop_mlp))
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(search_seconds=round(time.perf_counter() - start, 2))
-    session._record(method="evopress", search=result.info, calibration=calib_info, metrics=metrics)
+    metrics = session.metrics.merged(search_seconds=round(time.perf_counter() - start, 2))
+    session.record(method="evopress", search=result.info, calibration=calib_info, metrics=metrics)
     return session.model
 
 
@@ -57,10 +57,10 @@ def _sparsity(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
         kept[str(unit.layer)] = kept.get(str(unit.layer), 0.0) + unit.numel * store.levels[level]
         total[str(unit.layer)] = total.get(str(unit.layer), 0) + unit.numel
     layer_sparsity = {k: round(kept[k] / total[k], 6) for k in kept}
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(sparsity=round(zero_fraction(session.model), 5), level_store_mib=info["level_store_mib"],
-                   model_mib=info["model_mib"], compression_seconds=round(time.perf_counter() - start, 2))
-    session._record(method="evopress", layer_sparsity=layer_sparsity, search=info, calibration=calib_info,
+    metrics = session.metrics.merged(sparsity=round(zero_fraction(session.model), 5),
+                                     level_store_mib=info["level_store_mib"], model_mib=info["model_mib"],
+                                     compression_seconds=round(time.perf_counter() - start, 2))
+    session.record(method="evopress", layer_sparsity=layer_sparsity, search=info, calibration=calib_info,
                     metrics=metrics)
     return session.model
 
@@ -87,9 +87,9 @@ def _structure(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
     timing = measure_speedup(dense, session.model, table.environment) if config.measure_speedup else None
     dense_ms, pruned_ms = (timing.dense_ms, timing.pruned_ms) if timing else (None, None)
     levels = {str(k): v for k, v in chosen_levels(items, chosen).items()}
-    metrics = {"predicted_speedup": info["predicted_speedup"], "dense_ms": dense_ms, "pruned_ms": pruned_ms,
-               "search_seconds": round(time.perf_counter() - start, 2)}
-    session._record(method="evopress", target_speedup=target,
+    metrics = Metrics(predicted_speedup=info["predicted_speedup"], dense_ms=dense_ms, pruned_ms=pruned_ms,
+                      search_seconds=round(time.perf_counter() - start, 2))
+    session.record(method="evopress", target_speedup=target,
                     measured_speedup=round(timing.speedup, 4) if timing else None,
                     latency_environment=table.environment.to_dict(), calibration=calib_info, metrics=metrics,
                     search={**info, "levels": levels})
@@ -107,10 +107,10 @@ def run_bits(session: Any, config: EvoPressBitsConfig, options: RunConfig) -> An
                                options.sequential("EvoPress bits"), quant=grid, dampening=config.dampening,
                                blocksize=config.blocksize)
     session.records, info = outcome.records, outcome.info
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(average_bits=info["average"], level_store_mib=info["level_store_mib"], model_mib=info["model_mib"],
-                   compression_seconds=round(time.perf_counter() - start, 2))
-    session._record(method="evopress+gptq", search=info, calibration=calib_info, metrics=metrics)
+    metrics = session.metrics.merged(average_bits=info["average"], level_store_mib=info["level_store_mib"],
+                                     model_mib=info["model_mib"],
+                                     compression_seconds=round(time.perf_counter() - start, 2))
+    session.record(method="evopress+gptq", search=info, calibration=calib_info, metrics=metrics)
     return session.model
 
 

@@ -26,14 +26,13 @@ def run(session: Any, config: GPTQConfig, options: RunConfig) -> Any:
     start = time.perf_counter()
     result = compress_model(session.model, ids, plan, seq)
     session.records = result.quantized
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(compression_seconds=round(time.perf_counter() - start, 2))
+    metrics = session.metrics.merged(compression_seconds=round(time.perf_counter() - start, 2))
     fields: dict[str, Any] = dict(layer_bits={str(k): int(v) for k, v in per_layer_bits.items()},
                                   calibration=calib_info, metrics=metrics)
     if sparsity:
-        metrics["sparsity"] = round(zero_fraction(session.model), 5)
+        fields["metrics"] = metrics.merged(sparsity=round(zero_fraction(session.model), 5))
         fields.update(method="sparsegpt+gptq", layer_sparsity={str(k): float(v) for k, v in plan.sparsity.items()})
     else:
         fields.update(method=session.pruning_config.method or "gptq")
-    session._record(**fields)
+    session.record(**fields)
     return session.model

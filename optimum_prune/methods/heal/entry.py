@@ -29,8 +29,7 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
                             alpha=alpha, masks=masks, resume_from_checkpoint=config.resume_from_checkpoint,
                             output_dir=None if config.output_dir is None else str(config.output_dir),
                             gradient_checkpointing=config.gradient_checkpointing, **args)
-    record = dict(session.pruning_config.metrics or {})
-    record.update(training.heal_record(metrics, config.max_steps, train_ids.shape[0], train_ids.shape[1],
-                                       data_info.get("dataset"), alpha))
-    session._record(metrics=record)
+    healed = training.heal_record(metrics, config.max_steps, train_ids.shape[0], train_ids.shape[1],
+                                  data_info.get("dataset"), alpha)
+    session.record(metrics=session.metrics.merged(**healed))
     return metrics

@@ -20,9 +20,9 @@ def run(session: Any, config: LayerChopConfig, options: RunConfig) -> Any:
                                           batch_size=options.batch_size, progress=options.progress,
                                           **config.strategy_options)
     session.apply(PruningConfig(drop_layers=drop))
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(layers_removed=len(drop), compression_seconds=round(time.perf_counter() - start, 2))
-    session._record(method="layerchop", search=info, calibration=calib_info, metrics=metrics)
+    metrics = session.metrics.merged(layers_removed=len(drop),
+                                     compression_seconds=round(time.perf_counter() - start, 2))
+    session.record(method="layerchop", search=info, calibration=calib_info, metrics=metrics)
     return session.model
 
 

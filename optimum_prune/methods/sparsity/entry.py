@@ -36,9 +36,9 @@ def run(session: Any, config: SparsityConfig, options: RunConfig) -> Any:
     plan = CompressionPlan(method, per_layer, n, m, blocksize=config.blocksize, dampening=config.dampening)
     compress_model(session.model, ids, plan, seq)
     achieved = zero_fraction(session.model)
-    metrics = dict(session.pruning_config.metrics or {})
-    metrics.update(sparsity=round(achieved, 5), compression_seconds=round(time.perf_counter() - start, 2))
-    session._record(method=method if not m else f"{method} {n}:{m}",
+    metrics = session.metrics.merged(sparsity=round(achieved, 5),
+                                     compression_seconds=round(time.perf_counter() - start, 2))
+    session.record(method=method if not m else f"{method} {n}:{m}",
                     layer_sparsity={str(k): round(float(v), 6) for k, v in per_layer.items()} if not m else None,
                     calibration=calib_info, metrics=metrics, search=search)
     logger.info("%s: %.1f%% of the Linear weights in the blocks are zero", method, 100 * achieved)

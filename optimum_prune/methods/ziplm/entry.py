@@ -11,6 +11,7 @@ from ...calibration import load_calibration
 from ...engine.structure.database import keep_database, reusable_database
 from ...engine.structure.search import check_targets
 from ...evaluation.latency_table import SpeedupMeasurement, measure_speedup, resolve_latency_table
+from ...records import Metrics
 from ..base import RunConfig
 from .config import FinetuneConfig, ZipLMConfig
 from .family import ZipLMFamily
@@ -58,11 +59,11 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
         timing = timings.get(id(outcome.model))
         dense_ms, pruned_ms = (timing.dense_ms, timing.pruned_ms) if timing else (None, None)
         measured = round(speed, 4) if speed else None
-        metrics = {"predicted_speedup": round(outcome.predicted_speedup, 4), "estimated_loss": outcome.estimated_loss,
-                   "dense_ms": dense_ms, "pruned_ms": pruned_ms, "table_dense_ms": table.dense_ms,
-                   "level_database_mib": round(database.nbytes() / 2**20, 2) if database else None,
-                   "compression_seconds": round(time.perf_counter() - start, 2)}
-        member._record(method=outcome.search.get("method", "ziplm"), target_speedup=target, measured_speedup=measured,
+        metrics = Metrics(predicted_speedup=round(outcome.predicted_speedup, 4), estimated_loss=outcome.estimated_loss,
+                          dense_ms=dense_ms, pruned_ms=pruned_ms, table_dense_ms=table.dense_ms,
+                          level_database_mib=round(database.nbytes() / 2**20, 2) if database else None,
+                          compression_seconds=round(time.perf_counter() - start, 2))
+        member.record(method=outcome.search.get("method", "ziplm"), target_speedup=target, measured_speedup=measured,
                        latency_environment=env.to_dict(), calibration=calib_info, metrics=metrics,
                        search={**outcome.search, "levels": {str(k): v for k, v in outcome.levels.items()}})
         if measured is not None:
