@@ -118,13 +118,13 @@ class CompressionSession:
         return self.run_method(config, run)
 
     def _record_stage(self, config: MethodConfig, run: RunConfig | None, result: Any) -> None:
-        """Append the stage (every default resolved) to ``pruning_config.recipe`` of each model it produced."""
-        from .methods.ziplm.family import ZipLMFamily
-
-        sessions = list(result.values()) if isinstance(result, ZipLMFamily) else [self]
+        """Append the stage (every default resolved) to ``pruning_config.recipe`` of each model it produced
+        (an entry returns the model, or {key: session} when it made several, e.g. one per ZipLM target)."""
+        several = isinstance(result, dict)
+        sessions = list(result.values()) if several else [self]
         for session in sessions:
             stage = config.to_dict()
-            if isinstance(result, ZipLMFamily):  # each member records the one target that made it
+            if several:  # each member records the one target that made it
                 stage["target_speedup"] = float(session.pruning_config.target_speedup)
             if run is not None:
                 stage["run"] = run.to_dict()

@@ -23,7 +23,8 @@ class MethodSpec:
     """One method: its registry name, which session step runs it, its config class and its entry.
 
     ``entry(session, config, run)`` runs the method on ``session.model`` in place, records what it did and
-    returns what the keyword form returns (the model, or a ``ZipLMFamily`` for several targets).
+    returns what the keyword form returns: the model, or {key: session} when it made several models
+    (a ``ZipLMFamily`` for several targets).
     ``keyword`` is the name the keyword form uses (``quantize(method="evopress")``) when it differs.
     """
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ...pruner import Pruner
+from typing import Any
 
 
 class ZipLMFamily(dict):
     """{target speedup: Pruner holding that model}; ``family[2.0].save_pretrained("out-2x")``."""
 
-    def __getitem__(self, target: float) -> "Pruner":
+    def __getitem__(self, target: float) -> Any:
         try:
             return super().__getitem__(target)
         except KeyError:
