@@ -66,6 +66,10 @@ def build_model_card(
     measured += _search_rows(record.search or {})
     if structure.recipe:
         measured.append("| recipe | " + " → ".join(stage.get("method", "?") for stage in structure.recipe) + " |")
+    search = record.search or {}
+    if search.get("target_missed"):
+        measured.insert(0, f"| **warning** | measured speedup {_fmt(record.measured_speedup)}x misses the target "
+                           f"{_fmt(record.target_speedup)}x by {100 * search.get('miss', 0):+.1f}% after re-aiming |")
     figures = ("\n## Measured\n\n| | |\n|---|---|\n" + "\n".join(measured) + "\n") if measured else ""
     repo = repo_id or "path/to/this/model"
     what = "Quantized" if quantization and not structure.is_structured else "Pruned"
@@ -113,7 +117,7 @@ _SEARCH_FIELDS = ("method", "target", "units", "predicted_speedup", "reachable_s
                   "score", "score_metric", "generations", "offspring", "survivors", "tokens", "evaluations",
                   "search_iterations", "accepted", "strategy", "start", "seed", "schedule", "num_groups", "max_shift",
                   "normalize", "stages", "requested", "average", "level_values", "fresh_windows", "level_store_mib",
-                  "model_mib", "final", "stitched_fitness", "sequential_fitness")
+                  "model_mib", "final", "stitched_fitness", "sequential_fitness", "miss", "target_missed")
 
 
 def _search_rows(search: dict) -> list[str]:

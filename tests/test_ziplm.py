@@ -464,3 +464,33 @@ def test_refinement_that_loses_on_held_out_windows_is_dropped():
     check = _holdout_check(holds, items, stitcher, lambda m: 0.2 if params(m) == refined_params else 0.5)
     assert check["holdout"]["kept"] == "refined" and holds.picked == refined
     assert _holdout_check(result(), items, stitcher, None) == {}
+
+
+def test_a_missed_target_warns_in_the_log_the_family_table_and_the_card_or_raises_when_strict(tmp_path, monkeypatch,
+                                                                                               caplog):
+    import logging
+
+    from optimum_prune import Pruner
+    from optimum_prune.evaluation.latency_table import SpeedupMeasurement
+    from optimum_prune.methods.ziplm import entry
+
+    def slow_machine(dense, pruned, env):  # whatever is chosen, it runs only 1.1x faster
+        return SpeedupMeasurement(1.1, 10.0, 10.0 / 1.1, (1.1,))
+
+    monkeypatch.setattr(entry, "measure_speedup", slow_machine)
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        family = Pruner(model).prune(target_speedup=[2.0], latency_table=table, calibration=CALIB, search_iterations=0,
+                                     progress=False)
+    config = family[2.0].pruning_config
+    assert config.search["target_missed"] and config.search["miss"] == pytest.approx(-0.45)
+    assert len(config.search["aimed_at"]) > 1  # it re-aimed before giving up
+    assert any("outside the ±3% tolerance" in r.getMessage() and "re-measure" in r.getMessage()
+               for r in caplog.records)
+    assert "(missed, -45.0%)" in family.to_markdown()
+    family[2.0].save_pretrained(tmp_path / "m")
+    assert "| **warning** | measured speedup 1.1x misses the target 2x" in (tmp_path / "m" / "README.md").read_text()
+    with pytest.raises(entry.SpeedupMissError, match="outside the ±3% tolerance"):
+        Pruner(FAMILIES["llama-gqa"].build()).prune(target_speedup=2.0, latency_table=table, calibration=CALIB,
+                                                    search_iterations=0, progress=False, strict=True)

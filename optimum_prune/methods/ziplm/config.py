@@ -72,6 +72,8 @@ class ZipLMConfig(MethodConfig):
     search_samples: int = option(8, "calibration windows that score the refinement's candidates")
     measure_speedup: bool = option(True, "time the pruned model against the dense one and record the speedup")
     speedup_tolerance: float = option(0.03, "re-aim the search while the measured speedup misses by more than this")
+    strict: bool = option(False, "raise SpeedupMissError instead of warning when the measured speedup still misses "
+                                 "a target by more than speedup_tolerance after re-aiming")
     dampening: float = option(0.01, "Hessian dampening, as a fraction of the mean diagonal")
     finetune: Any = option(None, "gradual ZipLM: a FinetuneConfig or its fields (train_dataset, max_steps, stages, "
                                  "...); None: one-shot", nested="optimum_prune.methods.ziplm.config:FinetuneConfig",

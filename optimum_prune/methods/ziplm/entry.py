@@ -21,6 +21,10 @@ from .method import ZipLMSettings, run_ziplm
 logger = logging.get_logger(__name__)
 
 
+class SpeedupMissError(RuntimeError):
+    """A measured speedup outside the tolerance after re-aiming, with ``strict=True``."""
+
+
 def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     """One target: the session's model is pruned and returned; several: a ``ZipLMFamily`` of new sessions."""
     targets = config.targets
@@ -68,11 +72,24 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
                        search={**outcome.search, "levels": {str(k): v for k, v in outcome.levels.items()}})
         if measured is not None:
             logger.info("ZipLM %gx: measured %.3fx (predicted %.3fx)", target, measured, outcome.predicted_speedup)
+        if outcome.search.get("target_missed"):
+            message = miss_message(target, measured, config.speedup_tolerance, outcome.search)
+            if config.strict:
+                raise SpeedupMissError(message)
+            logger.warning(message)
         family[target] = member
     if not isinstance(config.target_speedup, list):
         session.model = family[targets[0]].model
         return session.model
     return family
+
+
+def miss_message(target: float, measured: float | None, tolerance: float, search: dict[str, Any]) -> str:
+    """One line: how far the measured speedup is from the target after re-aiming, and what to do about it."""
+    return (f"ZipLM {target:g}x: the measured speedup is {measured}x ({100 * search.get('miss', 0):+.1f}%), outside "
+            f"the ±{100 * tolerance:g}% tolerance after {len(search.get('aimed_at', [])) - 1} re-aim(s) (aimed at "
+            f"{search.get('aimed_at')}). The latency table may not match this machine now (was it measured while "
+            "other work ran?): re-measure it on an idle machine, or widen speedup_tolerance")
 
 
 def finetune_settings(session: Any, finetune: FinetuneConfig, options: RunConfig) -> FinetuneSettings:

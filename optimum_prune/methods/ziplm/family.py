@@ -32,6 +32,8 @@ class ZipLMFamily(dict):
             search = config.search or {}
             params = sum(p.numel() for p in pruner.model.parameters())
             measured = f"{config.measured_speedup:.3f}x" if config.measured_speedup else "–"
+            if search.get("target_missed"):
+                measured += f" (missed, {100 * search.get('miss', 0):+.1f}%)"
             score = search.get("score")
             rows.append(f"| {target:g}x | {search.get('predicted_speedup', float('nan')):.3f}x | {measured} | "
                         f"{params:,} | {score:.4g} |" if score is not None else

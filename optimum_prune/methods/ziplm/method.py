@@ -116,7 +116,7 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
         measured, aims = None, {"aimed_at": [target], "aim": target}
         if measure is not None:
             picked, pruned, measured, aims = _hit_measured(target, items, table, stitcher, result, settings,
-                                                           measure, pruned)
+                                                           measure, pruned, options.progress)
         if scorer is not None and (score_value is None or picked != result.picked):
             score_value = scorer(pruned)
         structure = stitcher.structure(items, picked)
@@ -172,11 +172,15 @@ def _holdout_check(result, items: list[Item], stitcher: Stitcher, holdout: Calib
 
 
 def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, result, settings: ZipLMSettings,
-                  measure: Callable[[nn.Module], float], pruned: nn.Module):
-    """Measure; while off by more than the tolerance, re-aim the DP by the miss. Keeps the closest model."""
+                  measure: Callable[[nn.Module], float], pruned: nn.Module, progress: bool = True):
+    """Measure; while off by more than the tolerance, re-aim the DP by the miss. Keeps the closest model and says
+    whether it still misses (``target_missed``, with the relative ``miss``)."""
     low, high = reachable_range(table)
     picked, aim = result.picked, target
+    bar = tqdm(total=1 + settings.max_corrections, desc=f"ZipLM measuring {target:g}x", disable=not progress)
     speed = measure(pruned)
+    bar.update(1)
+    bar.set_postfix(measured=f"{speed:.3f}x")
     best = (abs(speed / target - 1), picked, pruned, speed, aim)
     aims = [aim]
     for _ in range(settings.max_corrections):
@@ -190,6 +194,11 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
         picked = choice
         candidate = stitcher.build(items, picked)
         speed = measure(candidate)
+        bar.update(1)
+        bar.set_postfix(measured=f"{speed:.3f}x", aim=f"{aim:.3f}x")
         if abs(speed / target - 1) < best[0]:
             best = (abs(speed / target - 1), picked, candidate, speed, aim)
-    return best[1], best[2], best[3], {"aimed_at": [round(a, 4) for a in aims], "aim": best[4]}
+    bar.close()
+    info = {"aimed_at": [round(a, 4) for a in aims], "aim": best[4], "miss": round(best[3] / target - 1, 4),
+            "target_missed": best[0] > settings.speedup_tolerance}
+    return best[1], best[2], best[3], info
