@@ -8,10 +8,12 @@ the model writes its own calibration text (data-free calibration) so compression
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
 from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
 from .text import read_text, tokenize_text
 
@@ -45,8 +47,12 @@ def random_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int 
 
 
 def self_generated(model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int = 0,
-                   batch_size: int = 16) -> torch.Tensor:
-    """Data-free calibration: sequences sampled from the model itself (random tokens for encoders)."""
+                   batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """Data-free calibration: sequences sampled from the model itself (random tokens for encoders).
+
+    Sampling is one forward per token: a progress bar counts the batches, and after the first batch the
+    expected total time is logged (a warning, with the faster alternatives, when it is over two minutes).
+    """
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
@@ -56,9 +62,13 @@ def self_generated(model: Any, tokenizer: Any, num_samples: int, seq_len: int, s
     device = next(model.parameters()).device
     bos = getattr(model.config, "bos_token_id", None)
     rows = []
+    batches = range(0, num_samples, batch_size)
+    bar = tqdm(total=len(batches), desc=f"data-free calibration: sampling {num_samples} x {seq_len} tokens",
+               disable=not progress)
+    begin = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, num_samples, batch_size):
+        for start in batches:
             n = min(batch_size, num_samples - start)
             if bos is not None:
                 prompt = torch.full((n, 1), bos)
@@ -69,7 +79,21 @@ def self_generated(model: Any, tokenizer: Any, num_samples: int, seq_len: int, s
                                  max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
                                  pad_token_id=getattr(model.config, "eos_token_id", None) or 0)
             rows.append(out[:, :seq_len].cpu())
+            bar.update(1)
+            if len(rows) == 1 and len(batches) > 1:
+                _say_how_long((time.perf_counter() - begin) * len(batches), num_samples, seq_len)
+    bar.close()
     return torch.cat(rows)
+
+
+def _say_how_long(seconds: float, num_samples: int, seq_len: int) -> None:
+    """Log the expected duration of data-free sampling; over two minutes, as a warning naming the faster ways."""
+    text = f"data-free calibration will take about {seconds / 60:.1f} min ({num_samples} sequences of {seq_len} tokens)"
+    if seconds > 120:
+        logger.warning("%s; pass calibration= a text file (e.g. ../shared/data/wikitext-2/valid.txt) or fewer "
+                       "num_samples / a shorter seq_len to finish sooner", text)
+    else:
+        logger.info(text)
 
 
 def get_calibration_data(
@@ -97,6 +121,7 @@ def load_calibration(
     seq_len: int = 512,
     seed: int = 0,
     model: Any = None,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``get_calibration_data`` plus a description of what was used (for the PruningConfig and the card)."""
     if num_samples <= 0 or seq_len <= 1:
@@ -117,9 +142,9 @@ def load_calibration(
             logger.warning(
                 "no calibration data given and %s could not be loaded (%s): using data-free calibration, "
                 "%d sequences sampled from the model itself. Pass calibration= (a text file, strings or a "
-                "Dataset) for better results.", DEFAULT_DATASET, type(err).__name__, num_samples)
+                "Dataset) for better results.", DEFAULT_DATASET, err, num_samples)
             info["dataset"] = "self-generated"
-            return self_generated(model, tokenizer, num_samples, seq_len, seed), info
+            return self_generated(model, tokenizer, num_samples, seq_len, seed, progress=progress), info
     else:
         text = read_text(source, split="train")
     return random_windows(_tokens(tokenizer, text), num_samples, seq_len, seed), info

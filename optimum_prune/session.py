@@ -202,7 +202,8 @@ class CompressionSession:
         if cache is not None and cache[0] is options.calibration and cache[1] == key:
             return cache[2], cache[3]
         ids, info = load_calibration(options.calibration, self.tokenizer, num_samples=options.num_samples,
-                                     seq_len=options.seq_len, seed=options.seed, model=self.model)
+                                     seq_len=options.seq_len, seed=options.seed, model=self.model,
+                                     progress=options.progress)
         self._calibration_cache = (options.calibration, key, ids, info)
         return ids, info
 

@@ -34,6 +34,31 @@ class DatasetUnavailableError(RuntimeError):
     """A dataset given by name could not be loaded (usually: no internet); pass a local text file."""
 
 
+_hub_down: str | None = None
+"""Why the Hub was found unreachable in this process (then it is not asked again: no retries per call)."""
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (offline mode, no route to it), or None; decided once per process."""
+    global _hub_down
+    if _hub_down is None:
+        import socket
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+            _hub_down = "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+        else:
+            url = urlparse(constants.ENDPOINT)
+            try:
+                socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+                _hub_down = ""
+            except OSError as err:
+                _hub_down = f"{url.hostname} is unreachable ({type(err).__name__}: {err})"
+    return _hub_down or None
+
+
 def read_text(source: Any, split: str = "test", *, strip_bom: bool = False) -> str:
     """The evaluation text as one string, from a file path, a ``datasets`` dataset, a list of strings or a name.
 
@@ -75,6 +100,11 @@ def read_text(source: Any, split: str = "test", *, strip_bom: bool = False) -> s
 def _load_named_dataset(name: str, split: str) -> str:
     path, config, kwargs, aliases = DATASETS[name]
     split = aliases.get(split, split)
+    down = hub_unreachable()
+    if down:
+        raise DatasetUnavailableError(
+            f"could not load the dataset {name!r} ({path}): {down}. Loading a dataset by name needs internet "
+            "access; pass a local text file instead (e.g. ../shared/data/wikitext-2/test.txt).")
     try:
         import datasets
 

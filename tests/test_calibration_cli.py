@@ -107,3 +107,30 @@ def test_cli_errors_are_one_line(tiny_dir, capsys):
                  "--calibration", str(tiny_dir / "text.txt"), "--num-samples", "2", "--seq-len", "8"]) == 2
     assert "0 < N < M" in capsys.readouterr().err
     assert not (tiny_dir / "x").exists()
+
+
+def test_offline_is_detected_once_and_data_free_sampling_says_how_long(monkeypatch, caplog):
+    from optimum_prune import text
+
+    asked = []
+
+    def no_route(*args, **kwargs):
+        asked.append(args)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(text, "_hub_down", None)
+    monkeypatch.setattr("socket.create_connection", no_route)
+    for _ in range(3):
+        with pytest.raises(text.DatasetUnavailableError, match="unreachable .*local text file"):
+            text.read_text("wikitext2")
+    assert len(asked) == 1  # one probe, then no retries in this process
+    model = FAMILIES["llama-gqa"].build()
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    try:
+        with caplog.at_level(pylogging.INFO, logger="optimum_prune"):
+            ids = calib.self_generated(model, char_tokenizer(), num_samples=4, seq_len=8, batch_size=2)
+    finally:
+        logging.disable_propagation()
+    assert ids.shape == (4, 8) and "data-free calibration will take about" in caplog.text
