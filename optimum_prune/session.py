@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
@@ -269,15 +270,51 @@ class CompressionSession:
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None, revision: str | None = None, create_pr: bool = False):
-        """Upload weights, config, tokenizer, remote code and model card to ``repo_id`` in one commit."""
+        """Upload weights, config, tokenizer, remote code and model card to ``repo_id`` in one commit.
+
+        A missing token or an unreachable Hub raises ``PushError`` naming the cause (check it before long
+        work with ``check_push``)."""
         self._check_savable()
+        check_push(repo_id, token)
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
-            self._write(Path(tmp), repo_id=repo_id)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp,
-                                     commit_message=commit_message or self._commit_message(),
-                                     revision=revision, create_pr=create_pr, repo_type="model")
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
+                self._write(Path(tmp), repo_id=repo_id)
+                return api.upload_folder(repo_id=repo_id, folder_path=tmp,
+                                         commit_message=commit_message or self._commit_message(),
+                                         revision=revision, create_pr=create_pr, repo_type="model")
+        except (OSError, HfHubHTTPError) as err:
+            raise PushError(f"pushing to {repo_id} failed: {_push_cause(err)}; nothing was uploaded (save with "
+                            "save_pretrained and upload later)") from err
+
+
+class PushError(RuntimeError):
+    """An upload that cannot happen or failed: no token, no network, or the Hub refused (the cause in one line)."""
+
+
+def check_push(repo_id: str, token: str | None = None) -> None:
+    """Fail now, before any long work, when an upload to ``repo_id`` cannot happen (no token, Hub unreachable)."""
+    from huggingface_hub import get_token
+
+    from .text import hub_problem
+
+    if not repo_id or repo_id.count("/") > 1 or " " in repo_id:
+        raise PushError(f"{repo_id!r} is not a Hub repo id: use 'name' or 'user/name'")
+    if not (token or get_token()):
+        raise PushError("no Hugging Face token to push with: run `hf auth login` or set HF_TOKEN")
+    problem = hub_problem()
+    if problem:
+        raise PushError(f"cannot push to the Hub: {problem}; save locally (--output) and upload later")
+
+
+def _push_cause(err: BaseException) -> str:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"the Hub refused the token (HTTP {status}): check it with `hf auth whoami`"
+    if status is not None:
+        return f"the Hub answered HTTP {status}"
+    return f"no connection to the Hub ({type(err).__name__})"
 
 
 def _split(kwargs: dict[str, Any], spec: MethodSpec, *classes: type) -> Any:

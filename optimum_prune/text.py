@@ -38,24 +38,28 @@ _hub_down: str | None = None
 """Why the Hub was found unreachable in this process (then it is not asked again: no retries per call)."""
 
 
+def hub_problem() -> str | None:
+    """Why the Hub cannot be reached now (offline mode, no route to its endpoint), or None (one 3 s probe)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as err:
+        return f"{url.hostname} is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
 def hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached (offline mode, no route to it), or None; decided once per process."""
+    """``hub_problem()``, decided once per process (datasets are then not retried on every call)."""
     global _hub_down
     if _hub_down is None:
-        import socket
-        from urllib.parse import urlparse
-
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-            _hub_down = "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-        else:
-            url = urlparse(constants.ENDPOINT)
-            try:
-                socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-                _hub_down = ""
-            except OSError as err:
-                _hub_down = f"{url.hostname} is unreachable ({type(err).__name__}: {err})"
+        _hub_down = hub_problem() or ""
     return _hub_down or None
 
 

@@ -63,3 +63,29 @@ def test_pushing_again_makes_a_second_commit_on_the_existing_repo(fake_hub):  # 
     assert config["pruning_config"]["drop_attention"] == [2]
     card = fake_hub.repos["me/bert-pruned"]["README.md"].decode()
     assert "pipeline_tag: feature-extraction" in card
+
+
+def test_a_push_that_cannot_happen_fails_in_one_line_before_the_work(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from optimum_prune.cli import main
+    from optimum_prune.session import PushError, check_push
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    import pytest
+
+    with pytest.raises(PushError, match="no Hugging Face token"):
+        check_push("me/model")
+    monkeypatch.setenv("HF_TOKEN", "t")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "t")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(PushError, match="127.0.0.1 is unreachable"):
+        check_push("me/model")
+    loaded = []
+    monkeypatch.setattr("optimum_prune.Pruner.from_pretrained", lambda *a, **k: loaded.append(a))
+    assert main(["prune", "--model", "x", "--sparsity", "0.5", "--output", str(tmp_path / "o"),
+                 "--push-to-hub", "me/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: cannot push to the Hub" in err and not loaded  # before loading anything

@@ -98,11 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
     from .. import PruningConfigError, UnsupportedArchitectureError
     from ..calibration import CalibrationError
+    from ..session import PushError
 
     try:
         return COMMANDS[args.command](args)
     except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
-            CalibrationError, FileNotFoundError, ValueError) as err:
+            CalibrationError, FileNotFoundError, ValueError, PushError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,14 @@ def parse_index_spec(text: str, option: str) -> dict[int, list[int]]:
     return out
 
 
+def _check_push(args: argparse.Namespace) -> None:
+    """With --push-to-hub, fail before any work when the upload cannot happen (no token, no network)."""
+    if getattr(args, "push_to_hub", None):
+        from ..session import check_push
+
+        check_push(args.push_to_hub)
+
+
 def _load(cls_name: str, args: argparse.Namespace):
     from .. import Pruner, Quantizer
 
@@ -112,6 +120,7 @@ def _method(args: argparse.Namespace) -> int:
     """prune / quantize / heal: one method, configured from the flags."""
     kind = args.command
     spec, config, run = _configs(kind, args)
+    _check_push(args)
     start = time.perf_counter()
     session = _load(kind, args)
     result = session.run_method(config, run)
@@ -153,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
                          "not both")
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_checkpoint(args.recipe_from)
     print("recipe: " + " -> ".join(s.config.name for s in recipe.stages))
+    _check_push(args)
     start = time.perf_counter()
     session = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
     session.run(recipe)
@@ -185,6 +195,7 @@ def _apply(args: argparse.Namespace) -> int:
     if config.is_empty:
         print("error: nothing to remove; give --config or --remove-heads/--remove-neurons/--drop-*", file=sys.stderr)
         return 2
+    _check_push(args)
     start = time.perf_counter()
     pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
     probe = _probe_inputs(pruner)
