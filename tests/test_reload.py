@@ -181,3 +181,29 @@ def test_corrupt_pruning_config_in_config_json_names_the_field(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"remove_heads\[0\]"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_saved_files_get_the_permissions_a_plain_save_pretrained_gives(tmp_path):
+    import os
+
+    import torch
+
+    from optimum_prune import Pruner, Quantizer
+
+    def modes(directory):
+        return {f: os.stat(directory / f).st_mode & 0o777 for f in os.listdir(directory)}
+
+    model = FAMILIES["llama-gqa"].build()
+    model.save_pretrained(tmp_path / "plain")
+    plain = modes(tmp_path / "plain")
+    pruner = Pruner(FAMILIES["llama-gqa"].build())
+    pruner.apply({"remove_heads": {0: [0, 1]}, "drop_layers": [3]})
+    pruner.save_pretrained(tmp_path / "pruned")
+    quantizer = Quantizer(FAMILIES["llama-gqa"].build())
+    quantizer.quantize(bits=4, group_size=8, calibration=torch.randint(1, 90, (4, 16)), num_samples=4, seq_len=16,
+                       progress=False)
+    quantizer.save_pretrained(tmp_path / "packed")
+    for saved in ("pruned", "packed"):
+        got = modes(tmp_path / saved)
+        assert {f: got[f] for f in plain} == plain, saved  # the files transformers writes: the same modes
+        assert os.stat(tmp_path / saved).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
