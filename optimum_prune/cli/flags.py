@@ -71,9 +71,11 @@ class FlagSet:
                     name = f"--{meta.get('prefix', '')}{g.name.replace('_', '-')}"
                     if name in self.reserved or (name in self.flags and self.flags[name].path != (f.name, g.name)):
                         name = f"--{f.name}-{g.name.replace('_', '-')}"
-                    gmeta = g.metadata or {}
-                    help_text = gmeta.get("help") or (inner.__dataclass_fields__[g.name].metadata or {}).get("help") \
-                        or f"{f.name}: {g.name}"
+                    gmeta = dict(g.metadata or {})
+                    help_text = meta.get("nested_help", {}).get(g.name) or gmeta.get("help") or f"{f.name}: {g.name}"
+                    gmeta["aliases"] = tuple(gmeta.get("aliases", ())) + tuple(
+                        meta.get("nested_aliases", {}).get(g.name, ()))
+                    gmeta["show_default"] = bool(gmeta.get("help"))  # a plain dataclass's defaults may be resolved later
                     self._register(group, name, (f.name, g.name), cls, inner_hints[g.name], g, help_text, gmeta)
                 continue
             name = meta.get("flag") or f"--{f.name.replace('_', '-')}"
@@ -93,7 +95,7 @@ class FlagSet:
         default = _default(f)
         dest = "cfg__" + "__".join(path)
         names = [name, *meta.get("aliases", ())]
-        shown = f" (default: {default})" if default not in (None, {}, []) else ""
+        shown = f" (default: {default})" if default not in (None, {}, []) and meta.get("show_default", True) else ""
         choices = meta.get("choices")
         if choices:
             shown += f"; one of: {', '.join(map(str, choices))}"

@@ -27,17 +27,20 @@ class ConfigError(ValueError):
 def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
            flag: str | None = None, aliases: tuple[str, ...] = (), parse: Callable[[str], Any] | None = None,
            choices: tuple[Any, ...] | None = None, cli: bool = True, nested: str | None = None, prefix: str = "",
+           nested_help: dict[str, str] | None = None, nested_aliases: dict[str, tuple[str, ...]] | None = None,
            const: Any = None) -> Any:
     """A config field with its documentation (``help``) and how the CLI spells it.
 
     ``flag`` overrides the flag name (default ``--field-name``), ``aliases`` adds older spellings,
     ``parse`` turns the flag's text into a value, ``choices`` limits it; ``cli=False`` keeps a field
     out of the CLI (only for objects that have no text form). ``nested`` ("module:Class") makes each field
-    of that dataclass a flag (named ``--<prefix><field>``; the field then holds a dict of the flags given);
+    of that dataclass a flag (named ``--<prefix><field>``; the field then holds a dict of the flags given;
+    ``nested_help`` / ``nested_aliases`` document them and add older spellings, by inner field name);
     ``const`` makes the flag a switch that stores that value.
     """
     metadata = {"help": help, "flag": flag, "aliases": tuple(aliases), "parse": parse, "choices": choices, "cli": cli,
-                "nested": nested, "prefix": prefix, "const": const}
+                "nested": nested, "prefix": prefix, "nested_help": dict(nested_help or {}),
+                "nested_aliases": dict(nested_aliases or {}), "const": const}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)

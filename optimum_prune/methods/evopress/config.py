@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from ..base import ConfigBase, ConfigError, MethodConfig, option
 from ..common import is_number
-from ..ziplm.config import ENVIRONMENT
+from ..ziplm.config import ENVIRONMENT, ENVIRONMENT_HELP
 
 FITNESS = ("kl", "perplexity")
 TARGETS = ("depth", "structure", "sparsity")
@@ -94,7 +94,7 @@ class EvoPressConfig(MethodConfig):
     target_speedup: float = option(None, "structure: the speedup to meet")
     sparsity: float = option(None, "sparsity: the exact average sparsity, e.g. 0.7")
     latency: Any = option(None, "structure: the inference environment (as for ZipLM)", nested=ENVIRONMENT,
-                          prefix="latency-")
+                          prefix="latency-", nested_help=ENVIRONMENT_HELP)
     latency_table: Any = option(None, "structure: a latency table or its JSON file")
     measure_speedup: bool = option(True, "structure: time the pruned model against the dense one")
     dampening: float = option(0.01, "Hessian dampening (level database / level store)")

@@ -11,6 +11,16 @@ from ..common import is_number, json_object
 ENVIRONMENT = "optimum_prune.evaluation.latency_table:InferenceEnvironment"
 """The latency environment's fields become ``--latency-*`` flags."""
 
+ENVIRONMENT_HELP = {
+    "device": "where the speedup is measured: cpu, cuda or cuda:N (default: the compute device, else the model's)",
+    "dtype": "float32, float16 or bfloat16 (default: the model's)",
+    "batch_size": "sequences per forward (default 1)",
+    "seq_len": "prefill: tokens per sequence; decode: KV-cache length (default 512)",
+    "mode": "prefill (one forward over seq_len tokens) or decode (one token after seq_len cached); default prefill",
+    "threads": "CPU threads while timing (default: torch's current count)",
+}
+ENVIRONMENT_ALIASES = {"threads": ("--threads",)}
+
 
 @dataclass
 class FinetuneConfig(ConfigBase):
@@ -64,7 +74,7 @@ class ZipLMConfig(MethodConfig):
     latency: Any = option(None, "the inference environment the speedup is measured in: an InferenceEnvironment or "
                                 "its fields (device, dtype, batch_size, seq_len, mode, threads); default: this "
                                 "device and dtype, batch 1 x 512 tokens, prefill", nested=ENVIRONMENT,
-                          prefix="latency-")
+                          prefix="latency-", nested_help=ENVIRONMENT_HELP, nested_aliases=ENVIRONMENT_ALIASES)
     latency_table: Any = option(None, "a latency table (or its JSON file from `optimum-prune latency`) instead "
                                       "of measuring one here")
     search_iterations: int = option(30, "randomized refinement steps per target (0: the DP's choice on OBS "
