@@ -121,7 +121,8 @@ class CompressionSession:
     def _record_stage(self, config: MethodConfig, run: RunConfig | None, result: Any) -> None:
         """Append the stage (every default resolved) to ``pruning_config.recipe`` of each model it produced
         (an entry returns the model, or {key: session} when it made several, e.g. one per ZipLM target)."""
-        several = isinstance(result, dict)
+        several = isinstance(result, dict) and bool(result) and all(
+            isinstance(member, CompressionSession) for member in result.values())
         sessions = list(result.values()) if several else [self]
         for session in sessions:
             stage = config.to_dict()
