@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from .evaluation.size import count_parameters
 from .modeling.adapters import base_model_type, get_adapter
 from .modeling.modeling_pruned import PrunedModelMixin
 from .modeling.pruning_config import PruningConfig
@@ -66,19 +67,6 @@ class PruningSummary:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(number of parameters, bytes), each shared tensor counted once."""
-    seen: set[int] = set()
-    n = b = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n += p.numel()
-        b += p.numel() * p.element_size()
-    return n, b
 
 
 def dense_parameters(model: PreTrainedModel) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from zoo import CHARS, FAMILIES, TEXT, VOCAB, char_tokenizer
 
 from optimum_prune import evaluation as ev
+from optimum_prune.evaluation import models as ev_models
 
 def random_ids(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -92,9 +93,9 @@ def test_text_windows():
 @pytest.mark.parametrize("split_head", [True, False])
 def test_perplexity_matches_model_loss(family, split_head, monkeypatch):
     model = FAMILIES[family].build()
-    monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", VOCAB * 7)  # many small chunks, not aligned with windows
+    monkeypatch.setattr(ev_models, "CHUNK_ELEMENTS", VOCAB * 7)  # many small chunks, not aligned with windows
     if not split_head:
-        monkeypatch.setattr(ev._LogitsSource, "of", classmethod(lambda cls, m, probe: cls(m)))
+        monkeypatch.setattr(ev_models.LogitsSource, "of", classmethod(lambda cls, m, probe: cls(m)))
     ids = random_ids(1, 5 * 24 + 7).view(-1)
     result = ev.perplexity(model, input_ids=ids, seq_len=24, max_windows=4, batch_size=3, progress=False)
     windows = ids[: 4 * 24].view(4, 24)
@@ -108,9 +109,9 @@ def test_perplexity_matches_model_loss(family, split_head, monkeypatch):
 
 def test_head_split_is_used_and_detected(llama):
     probe = random_ids(1, 8)
-    assert ev._LogitsSource.of(llama, probe).head is llama.lm_head
+    assert ev_models.LogitsSource.of(llama, probe).head is llama.lm_head
     bert_lm = FAMILIES["bert-mlm"].build()  # head after a transform: not head(backbone(x))
-    assert ev._LogitsSource.of(bert_lm, probe).head is None
+    assert ev_models.LogitsSource.of(bert_lm, probe).head is None
 
 
 def test_perplexity_from_text_with_tokenizer(llama):
@@ -142,7 +143,7 @@ def test_kl_self_is_zero(llama):
 
 
 def test_kl_perturbed_and_top_k_lower_bound(llama, perturbed, monkeypatch):
-    monkeypatch.setattr(ev, "_CHUNK_ELEMENTS", VOCAB * 9)
+    monkeypatch.setattr(ev_models, "CHUNK_ELEMENTS", VOCAB * 9)
     ids = random_ids(3, 20, seed=3)
     full = ev.kl_divergence(perturbed, llama, ids, batch_size=2, progress=False)
     assert full > 1e-4

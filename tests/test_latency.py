@@ -12,7 +12,7 @@ from zoo import FAMILIES
 
 from optimum_prune import get_adapter
 from optimum_prune.cli import main
-from optimum_prune.evaluation import latency_table as lat
+from optimum_prune.evaluation import latency_table as lat, speedup, table_cache
 from optimum_prune.evaluation.latency_table import InferenceEnvironment, LatencyTable, get_latency_table, measure_latency_table
 
 FAST = dict(repeats=2, warmup=1, progress=False)
@@ -240,10 +240,10 @@ def test_get_latency_table_reuses_and_remeasures(llama, tmp_path, monkeypatch, c
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lat, "measure_latency_table", counting)
+    monkeypatch.setattr(table_cache, "measure_latency_table", counting)
     first = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
     assert len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
-    with caplog.at_level(logging.INFO, logger=lat.__name__):
+    with caplog.at_level(logging.INFO, logger=table_cache.__name__):
         again = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
     assert len(calls) == 1 and again == first
     assert "reusing the latency table" in caplog.text
@@ -310,7 +310,7 @@ def test_measure_speedup_pairs_dense_and_pruned_rounds(monkeypatch):
         calls.append(model)
         return (1.1 ** len(calls)) * (2.0 if model is dense else 1.0)
 
-    monkeypatch.setattr(lat, "measure_model_ms", drifting)
+    monkeypatch.setattr(speedup, "measure_model_ms", drifting)
     result = lat.measure_speedup(dense, pruner.model, env, rounds=3, repeats=2, warmup=1)
     assert len(result.round_speedups) == 3 and calls[::2] == [dense] * 3
     assert result.speedup == pytest.approx(2.0 / 1.1)  # within a round only one step of drift

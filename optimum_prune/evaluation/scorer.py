@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import is_causal_lm, kl_to_reference, perplexity, reference_logprobs
+from .kl import kl_to_reference, reference_logprobs
+from .models import is_causal_lm
+from .perplexity import perplexity
 
 
 class CalibrationScorer:

@@ -1,0 +1,129 @@
+"""Where and how a pruned model will run: the environment a latency table is measured in and holds for."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+           "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_MODES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class InferenceEnvironment:
+    """Where and how the pruned model will run; a latency table holds only in the environment it was measured in."""
+
+    device: str = "cpu"
+    """"cpu", "cuda" or "cuda:N"."""
+    dtype: str = "float32"
+    """"float32", "float16" or "bfloat16" (aliases fp32/fp16/bf16/half are accepted)."""
+    batch_size: int = 1
+    seq_len: int = 512
+    """prefill: tokens per sequence; decode: length of the KV cache the new token attends to."""
+    mode: str = "prefill"
+    """"prefill" (one forward over seq_len tokens, no cache) or "decode" (one new token after seq_len cached)."""
+    threads: int | None = None
+    """torch threads during measurement; None means torch's current count (recorded as the actual number)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
+        if not isinstance(self.device, (str, torch.device)):
+            raise ValueError("InferenceEnvironment.device must be a string like 'cpu', 'cuda' or 'cuda:0', "
+                             f"got {self.device!r}")
+        object.__setattr__(self, "device", str(self.device).strip().lower())
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"InferenceEnvironment.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        dtype = _DTYPES.get(str(self.dtype).strip().lower())
+        if dtype is None:
+            raise ValueError("InferenceEnvironment.dtype must be 'float32', 'float16' or 'bfloat16', "
+                             f"got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
+        _check_positive_int("batch_size", self.batch_size, "the number of sequences per forward, e.g. 1")
+        _check_positive_int("seq_len", self.seq_len,
+                            "tokens per sequence (prefill) or KV-cache length (decode), e.g. 512")
+        if self.mode not in _MODES:
+            raise ValueError(f"InferenceEnvironment.mode must be 'prefill' or 'decode', got {self.mode!r}")
+        if self.threads is not None:
+            _check_positive_int("threads", self.threads, "a CPU thread count, or None for torch's current count")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device, with the current CUDA index filled in for a bare 'cuda'."""
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def resolved(self) -> InferenceEnvironment:
+        """This environment with ``threads`` set to the actual count that a measurement would use."""
+        return self if self.threads is not None else replace(self, threads=torch.get_num_threads())
+
+    def check_available(self) -> None:
+        """Raise a ValueError naming the fix when this machine cannot run the environment."""
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}); use device='cpu', or a CUDA build of torch on a GPU machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        if self.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{torch.cuda.get_device_name(self.torch_device)} does not support bfloat16; "
+                             "use dtype='float16'")
+
+    def key(self) -> str:
+        """A stable string for cache lookups: torch version, device model and every measurement setting."""
+        env = self.resolved()
+        device = env.torch_device
+        parts = [f"torch={torch.__version__}", f"device={device.type}", f"name={_device_name(env)}"]
+        if device.type == "cuda":
+            parts.append(f"cuda={torch.version.cuda}")
+        parts += [f"dtype={env.dtype}", f"batch={env.batch_size}", f"seq_len={env.seq_len}", f"mode={env.mode}",
+                  f"threads={env.threads}"]
+        return ";".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_positive_int(name: str, value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"InferenceEnvironment.{name} must be a positive integer ({what}), got {value!r}")
+
+
+def _device_name(env: InferenceEnvironment) -> str:
+    """GPU model name, or the CPU model from /proc/cpuinfo (platform fallbacks elsewhere)."""
+    device = env.torch_device
+    if device.type == "cuda":
+        env.check_available()
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    return platform.processor() or platform.machine() or "unknown cpu"

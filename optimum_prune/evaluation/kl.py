@@ -1,0 +1,219 @@
+"""KL(reference || model) of next-token distributions: streamed against a live reference, or against its log-probs
+kept once (``reference_logprobs``) to score many candidates.
+
+``kl_divergence``, ``reference_logprobs`` and ``kl_to_reference`` share one loop (``_walk``: the windows in
+batches, each model's fp32 log-probs in position chunks) and one KL sum (``_mean_kl``). With ``top_k`` the
+reference keeps its top-k tokens plus one "rest" bucket (EvoPress's Top-K KL, a lower bound of the full KL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .models import LogitsSource, chunk_rows, eval_no_grad, place, require_causal_lm
+from .windows import as_windows, batches
+
+logger = logging.get_logger(__name__)
+
+_Rows = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""The reference's rows as KL needs them: (log-probs or top-k log-probs, top-k indices, log rest mass)."""
+
+
+@dataclass
+class ReferenceLogprobs:
+    """The reference (dense) model's next-token log-probs on ``input_ids``, computed once.
+
+    With ``top_k`` only the reference's top-k tokens and one "rest" bucket are kept, so memory is
+    ``n * seq_len * (top_k + 1)`` numbers instead of ``n * seq_len * vocab``.
+    """
+
+    input_ids: torch.Tensor
+    """[n, seq_len] token ids the log-probs were computed on."""
+    logprobs: torch.Tensor
+    """[n, seq_len, top_k] (or [n, seq_len, vocab] without top_k), fp32."""
+    indices: torch.Tensor | None
+    """[n, seq_len, top_k] token ids of ``logprobs``; None for the full vocabulary."""
+    rest_logprob: torch.Tensor | None
+    """[n, seq_len] log of the probability mass outside the top-k; None for the full vocabulary."""
+    top_k: int | None
+
+    def subset(self, rows: list[int]) -> "ReferenceLogprobs":
+        """The same log-probs for a subset of the windows (to score on a fresh minibatch)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return ReferenceLogprobs(self.input_ids[index], self.logprobs[index], pick(self.indices),
+                                 pick(self.rest_logprob), self.top_k)
+
+
+# ------------------------------------------------------------------------------------ the one loop
+
+
+def _walk(models: Sequence[nn.Module], windows: torch.Tensor, device: torch.device, batch_size: int, desc: str,
+          progress: bool) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """Each model's fp32 log-probs on ``windows``, batch by batch and position chunk by position chunk.
+
+    Yields the chunk's rows of the flattened [n * seq_len] positions and one log-probs block per model (the
+    models must share a vocabulary). Run it under ``eval_no_grad`` of the models.
+    """
+    length = windows.shape[1]
+    sources = [LogitsSource.probing(m, windows, device) for m in models]
+    for rows in batches(windows.shape[0], batch_size, desc, progress):
+        ids = windows[rows].to(device)
+        states = [source.states(ids) for source in sources]
+        vocab = sources[0].vocab_size(states[0])
+        for source, other in zip(sources[1:], states[1:]):
+            _check_vocab(vocab, source.vocab_size(other))
+        step = chunk_rows(vocab)
+        for start in range(0, states[0].shape[0], step):
+            logps = [source.logprobs(s[start:start + step]) for source, s in zip(sources, states)]
+            offset = rows.start * length + start
+            yield slice(offset, offset + logps[0].shape[0]), logps
+
+
+def _mean_kl(chunks: Iterable[tuple[torch.Tensor, _Rows]]) -> float:
+    """Mean over positions of KL(p || q), from (model log-probs q, reference rows p) chunks, summed in fp64."""
+    total, count = 0.0, 0
+    for logq, (logp, idx, rest) in chunks:
+        kl = _kl_rows(logq, logp, idx, rest)
+        total += kl.double().sum().item()
+        count += kl.numel()
+    return total / count
+
+
+def _reference_rows(logp: torch.Tensor, top_k: int | None) -> _Rows:
+    """Rows of reference log-probs as KL uses them: Top-K split (top_k capped at the vocabulary) or full."""
+    k = min(top_k, logp.shape[-1]) if top_k else None
+    return _top_k_split(logp, k) if k else (logp, None, None)
+
+
+def _top_k_split(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k log-probs, their indices, log of the remaining mass) for rows of log-probs."""
+    top, idx = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return top, idx, rest
+
+
+def _kl_rows(logq: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor | None = None,
+             rest: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) per row; with ``idx`` the distributions are p's top-k tokens plus one "rest" bucket."""
+    if idx is None:
+        p = logp.exp()
+        return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    q_top = logq.gather(-1, idx)
+    q_rest = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - q_top), torch.zeros_like(p)).sum(-1)
+    p_rest = rest.exp()
+    return kl + torch.where(p_rest > 0, p_rest * (rest - q_rest), torch.zeros_like(p_rest))
+
+
+def _check_vocab(model_vocab: int, ref_vocab: int) -> None:
+    if model_vocab != ref_vocab:
+        raise ValueError(f"the model's vocabulary ({model_vocab}) differs from the reference's ({ref_vocab})")
+
+
+# ------------------------------------------------------------------------------------- public API
+
+
+def kl_divergence(
+    model: nn.Module,
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    top_k: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> float:
+    """Mean over all positions of KL(reference || model) of the next-token distributions on ``input_ids``.
+
+    ``reference`` is the dense model. With ``top_k``, both distributions are reduced to the reference's top-k
+    tokens plus a "rest" bucket (EvoPress's Top-K KL): a lower bound of the full KL, in bounded memory.
+    """
+    require_causal_lm(model, "KL divergence")
+    require_causal_lm(reference, "KL divergence")
+    windows = as_windows(input_ids)
+    run_device = place(model, device)
+    place(reference, run_device)
+    with eval_no_grad(model, reference):
+        chunks = _walk([model, reference], windows, run_device, batch_size, "KL divergence", progress)
+        return _mean_kl((logq, _reference_rows(logp, top_k)) for _, (logq, logp) in chunks)
+
+
+def reference_logprobs(
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    top_k: int | None = 100,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ReferenceLogprobs:
+    """The reference's next-token log-probs on ``input_ids``, once, for scoring many candidates (on CPU).
+
+    With ``top_k`` it keeps the top-k tokens and the rest mass per position; ``top_k=None`` keeps the full
+    vocabulary (n * seq_len * vocab * 4 bytes: large for real models).
+    """
+    require_causal_lm(reference, "KL divergence")
+    windows = as_windows(input_ids)
+    run_device = place(reference, device)
+    logps, indices, rests = [], [], []
+    with eval_no_grad(reference):
+        for _, (logp,) in _walk([reference], windows, run_device, batch_size, "reference log-probs", progress):
+            if top_k is None and not logps:
+                gib = windows.numel() * logp.shape[-1] * 4 / 2**30
+                if gib > 2:
+                    logger.warning("keeping the full reference log-probs needs %.1f GiB; consider top_k", gib)
+            kept, idx, rest = _reference_rows(logp, top_k)
+            logps.append(kept.cpu())
+            if idx is not None:
+                indices.append(idx.cpu())
+                rests.append(rest.cpu())
+    n, length = windows.shape
+    return ReferenceLogprobs(
+        input_ids=windows.clone(),
+        logprobs=torch.cat(logps).view(n, length, -1),
+        indices=torch.cat(indices).view(n, length, -1) if indices else None,
+        rest_logprob=torch.cat(rests).view(n, length) if rests else None,
+        top_k=top_k,
+    )
+
+
+def kl_to_reference(
+    model: nn.Module,
+    cached: ReferenceLogprobs,
+    input_ids: torch.Tensor | None = None,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> float:
+    """``kl_divergence`` of ``model`` against precomputed ``reference_logprobs`` (one forward of the model only)."""
+    require_causal_lm(model, "KL divergence")
+    windows = cached.input_ids
+    if input_ids is not None and not torch.equal(as_windows(input_ids).cpu(), windows.cpu()):
+        raise ValueError("input_ids differ from those the reference log-probs were computed on")
+    run_device = place(model, device)
+    with eval_no_grad(model):
+        chunks = _walk([model], windows, run_device, batch_size, "KL to reference", progress)
+        rows = _cached_rows(cached, run_device)
+        return _mean_kl((logq, rows(sel, logq.shape[-1])) for sel, (logq,) in chunks)
+
+
+def _cached_rows(cached: ReferenceLogprobs, device: torch.device) -> Callable[[slice, int], _Rows]:
+    """A lookup of the cached reference rows at flat positions ``sel`` (on ``device``), checking the vocabulary."""
+    n, length = cached.input_ids.shape
+    flat_logp = cached.logprobs.reshape(n * length, -1)
+    if cached.indices is None:
+        def full(sel: slice, vocab: int) -> _Rows:
+            _check_vocab(vocab, flat_logp.shape[-1])
+            return flat_logp[sel].to(device), None, None
+        return full
+    flat_idx = cached.indices.reshape(n * length, -1)
+    flat_rest = cached.rest_logprob.reshape(-1)
+    return lambda sel, vocab: (flat_logp[sel].to(device), flat_idx[sel].to(device), flat_rest[sel].to(device))

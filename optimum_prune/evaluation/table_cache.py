@@ -1,0 +1,89 @@
+"""Latency tables cached on disk, keyed by environment, model shapes, FFN grid and how tables are measured."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from ..modeling.adapters import get_adapter
+from .env_timing import TABLE_METHOD
+from .environment import InferenceEnvironment
+from .table import LatencyTable, mlp_grid, model_signature
+from .table_measure import measure_latency_table
+
+logger = logging.get_logger(__name__)
+
+CACHE_ENV_VAR = "OPTIMUM_PRUNE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$OPTIMUM_PRUNE_CACHE/latency``, else ``~/.cache/optimum_prune/latency``."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    return Path(root).expanduser() / "latency" if root else Path.home() / ".cache" / "optimum_prune" / "latency"
+
+
+def latency_table_path(model: PreTrainedModel, environment: InferenceEnvironment, *,
+                       cache_dir: str | os.PathLike | None = None,
+                       mlp_levels: int | Sequence[int] | None = None) -> Path:
+    """Where ``get_latency_table`` keeps the table for this model, environment and FFN grid."""
+    return _cache_path(cache_dir, *_cache_identity(model, environment, mlp_levels))
+
+
+def _cache_identity(model: PreTrainedModel, environment: InferenceEnvironment,
+                    mlp_levels: int | Sequence[int] | None) -> tuple[str, str, list[int]]:
+    grid = mlp_grid(get_adapter(model).dims(model.config).intermediate_size, mlp_levels)
+    return environment.key(), model_signature(model), grid
+
+
+def _cache_path(cache_dir: str | os.PathLike | None, key: str, signature: str, grid: list[int]) -> Path:
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    identity = json.dumps([key, signature, grid, TABLE_METHOD]).encode()
+    return directory / f"{hashlib.sha256(identity).hexdigest()[:20]}.json"
+
+
+def get_latency_table(
+    model: PreTrainedModel,
+    environment: InferenceEnvironment,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    remeasure: bool = False,
+    **kwargs: Any,
+) -> LatencyTable:
+    """The cached table for this model's shapes, environment and FFN grid, measured and cached when missing.
+
+    ``kwargs`` go to ``measure_latency_table`` (``mlp_levels``, ``repeats``, ``warmup``, ``progress``).
+    """
+    environment.check_available()
+    mlp_levels = kwargs.pop("mlp_levels", None)
+    key, signature, grid = _cache_identity(model, environment, mlp_levels)
+    path = _cache_path(cache_dir, key, signature, grid)
+    if not remeasure and path.exists():
+        table = _load_cached(path, key, signature, grid)
+        if table is not None:
+            logger.info("reusing the latency table cached at %s (pass remeasure=True to measure again)", path)
+            return table
+    table = measure_latency_table(model, environment, mlp_levels=grid, **kwargs)
+    table.save(path)
+    logger.info("saved the latency table to %s", path)
+    return table
+
+
+def _load_cached(path: Path, key: str, signature: str, grid: list[int]) -> LatencyTable | None:
+    """The table at ``path`` if it is readable and was measured for exactly this key, model and grid."""
+    try:
+        table = LatencyTable.load(path)
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring the unreadable cached latency table %s (%s); measuring again", path, err)
+        return None
+    if (table.environment_key, table.model, table.mlp_grid) != (key, signature, grid):
+        logger.warning("the cached latency table %s was measured for another model or environment; measuring again",
+                       path)
+        return None
+    return table
