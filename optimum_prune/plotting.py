@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .saving import atomic_write
+
 
 def plot_tradeoff(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
                   x_label: str = "measured speedup", y_label: str = "perplexity", title: str | None = None,
@@ -36,10 +38,7 @@ def plot_tradeoff(series: dict[str, Sequence[tuple[float, float]]], path: str | 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_write(path, fig.savefig, suffix=".png")  # savefig reads the format off the suffix
+    finally:
+        plt.close(fig)

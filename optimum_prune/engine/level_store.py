@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..saving import atomic_write
 from .compress import QuantRecord
 from .hessian import ResidualNorms
 from .layers import LinearGroup, get_weight, set_weight
@@ -301,9 +302,7 @@ def _compress_level(W: torch.Tensor, H: torch.Tensor, kind: str, value: float, q
 def _save_atomic(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 __all__ = ["LinearUnit", "LevelStore", "build_level_store", "sparsity_levels"]

@@ -28,6 +28,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from ..modeling.adapters import get_adapter
+from ..saving import atomic_write
 from .hessian import capture_hessians
 from .layers import LinearGroup, linear_groups, original_layer_indices
 
@@ -262,19 +263,13 @@ class Checkpoint:
              extra: dict[str, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        _atomic(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(tensors, str(p)))
         if extra:
             extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
-            _atomic(self.dir / f"block_{index:04d}.extra.safetensors", lambda p: save_file(extra, str(p)))
-        _atomic(self.dir / "activations.pt", lambda p: torch.save([h.cpu() for h in hidden], p))
+            atomic_write(self.dir / f"block_{index:04d}.extra.safetensors", lambda p: save_file(extra, str(p)))
+        atomic_write(self.dir / "activations.pt", lambda p: torch.save([h.cpu() for h in hidden], p))
         state = {"run": self.run_key, "next_block": index + 1, "stats": stats}
-        _atomic(self.state_file, lambda p: p.write_text(json.dumps(state)))
+        atomic_write(self.state_file, lambda p: p.write_text(json.dumps(state)))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,6 +30,7 @@ from ...engine.layers import original_layer_indices
 from ...engine.sequential import fingerprint
 from ...modeling.adapters import get_adapter, get_module, set_module
 from ...modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjection, out_features
+from ...saving import atomic_write_text
 from ...evaluation.scorer import CalibrationScorer
 from .config import EvoPressSettings
 
@@ -138,10 +138,7 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(state))
 
 
 # --------------------------------------------------------------------------- depth search space
