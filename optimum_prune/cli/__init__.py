@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run the recipe recorded in a checkpoint's config.json (with --model: its base model)")
     model_args(run)
 
-    from ..evaluation import add_cli as add_eval
-    from ..evaluation.latency_table import add_cli as add_latency
+    from ..evaluation.cli import add_eval_cli as add_eval, add_latency_cli as add_latency
 
     add_eval(sub)
     add_latency(sub)

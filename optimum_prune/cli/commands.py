@@ -170,15 +170,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..evaluation import run_cli
+    from ..evaluation.cli import run_eval_cli
 
-    return run_cli(args)
+    return run_eval_cli(args)
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from ..evaluation.latency_table import run_cli
+    from ..evaluation.cli import run_latency_cli
 
-    return run_cli(args)
+    return run_latency_cli(args)
 
 
 def _apply(args: argparse.Namespace) -> int:

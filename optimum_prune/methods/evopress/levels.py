@@ -326,7 +326,7 @@ def default_levels(kind: str, target: float) -> list[float]:
 def store_directory(model: nn.Module, input_ids: torch.Tensor, kind: str, levels: list[float], extra: Any = None
                     ) -> Path:
     """Default home of a level store: the optimum-prune cache, keyed by model weights' identity and settings."""
-    from ...evaluation.latency_table import CACHE_ENV_VAR
+    from ...evaluation.table_cache import CACHE_ENV_VAR
 
     root = os.environ.get(CACHE_ENV_VAR)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "optimum_prune"

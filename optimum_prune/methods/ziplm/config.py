@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from ..base import ConfigBase, ConfigError, MethodConfig, option
 from ..common import is_number, json_object
 
-ENVIRONMENT = "optimum_prune.evaluation.latency_table:InferenceEnvironment"
+ENVIRONMENT = "optimum_prune.evaluation.environment:InferenceEnvironment"
 """The latency environment's fields become ``--latency-*`` flags."""
 
 ENVIRONMENT_HELP = {

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...evaluation.size import count_parameters
+
 
 class ZipLMFamily(dict):
     """{target speedup: Pruner holding that model}; ``family[2.0].save_pretrained("out-2x")``."""
@@ -30,7 +32,7 @@ class ZipLMFamily(dict):
         for target, pruner in self.items():
             config = pruner.pruning_config
             search = config.search or {}
-            params = sum(p.numel() for p in pruner.model.parameters())
+            params = count_parameters(pruner.model)[0]
             measured = f"{config.measured_speedup:.3f}x" if config.measured_speedup else "–"
             if search.get("target_missed"):
                 measured += f" (missed, {100 * search.get('miss', 0):+.1f}%)"
