@@ -316,3 +316,65 @@ def test_measure_speedup_pairs_dense_and_pruned_rounds(monkeypatch):
     assert result.speedup == pytest.approx(2.0 / 1.1)  # within a round only one step of drift
     with pytest.raises(ValueError, match="rounds >= 1"):
         lat.measure_speedup(dense, pruner.model, env, rounds=0)
+
+
+# ------------------------------------------------------------------------------------ disturbed measurements
+class NoisyTimer:
+    """Block times proportional to the units kept (ms, large enough to be checked), with injected disturbances."""
+
+    disturbed_passes = 1
+    passes = 0
+
+    def __init__(self, model, adapter, env, ids, timing, depth):
+        self.dims = adapter.dims(model.config)
+        type(self).passes += 1
+        self.noisy = type(self).passes <= type(self).disturbed_passes
+
+    def time(self, structure):
+        d = self.dims
+        heads = d.num_heads - len(structure.remove_heads.get(0, []))
+        neurons = d.intermediate_size - len(structure.remove_neurons.get(0, []))
+        attention = 0 if 0 in structure.drop_attention else 2.0 * heads
+        mlp = 0 if 0 in structure.drop_mlp else 0.5 * neurons
+        t = 10.0 + attention + mlp
+        if self.noisy and 0 < neurons < d.intermediate_size:
+            t -= 40.0  # another process stole the core: a mid-width FFN "costs less than nothing"
+        return t
+
+
+def noisy_machine(monkeypatch, disturbed_passes: int):
+    from optimum_prune.evaluation import table_measure
+
+    NoisyTimer.passes, NoisyTimer.disturbed_passes = 0, disturbed_passes
+    monkeypatch.setattr(table_measure, "StackTimer", NoisyTimer)
+    dense = iter([200.0, 800.0] * disturbed_passes + [200.0, 201.0] * 5)  # before / after each pass
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: next(dense))
+
+
+def test_a_disturbed_latency_table_is_measured_again(llama, monkeypatch, caplog):
+    noisy_machine(monkeypatch, disturbed_passes=1)
+    with caplog.at_level(logging.WARNING, logger="optimum_prune.evaluation.table_measure"):
+        table = measure_latency_table(llama, ENV, mlp_levels=[16, 32, 48], **FAST)
+    assert NoisyTimer.passes == 2 and "looks disturbed" in caplog.text and "measuring again" in caplog.text
+    assert "clearly negative" in caplog.text and "before the table" in caplog.text
+    assert table.mlp[16] < table.mlp[32] < table.mlp[48] and table.dense_ms == 201.0
+
+
+def test_a_latency_table_that_stays_disturbed_is_refused_with_the_busy_machine_message(llama, monkeypatch):
+    from optimum_prune.evaluation.latency_table import BusyMachineError
+
+    noisy_machine(monkeypatch, disturbed_passes=5)
+    with pytest.raises(BusyMachineError, match="could not be measured steadily in 3 attempts.*machine looks busy"):
+        measure_latency_table(llama, ENV, mlp_levels=[16, 32, 48], **FAST)
+    assert NoisyTimer.passes == 3
+    noisy_machine(monkeypatch, disturbed_passes=5)
+    table = measure_latency_table(llama, ENV, mlp_levels=[16, 32, 48], check=False, **FAST)  # asked not to check
+    assert NoisyTimer.passes == 1 and table.mlp[16] > 0
+
+
+def test_a_reused_table_is_announced_with_its_age_and_environment(llama, tmp_path, caplog):
+    get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
+    with caplog.at_level(logging.WARNING, logger=table_cache.__name__):
+        get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
+    line = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
+    assert len(line) == 1 and " ago for cpu float32, batch 1 x " in line[0] and "--remeasure-latency" in line[0]

@@ -97,12 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
     from .. import PruningConfigError, UnsupportedArchitectureError
     from ..calibration import CalibrationError
+    from ..evaluation.table_measure import BusyMachineError
+    from ..methods.ziplm.entry import SpeedupMissError
     from ..session import PushError
 
     try:
         return COMMANDS[args.command](args)
     except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
-            CalibrationError, FileNotFoundError, ValueError, PushError) as err:
+            CalibrationError, FileNotFoundError, ValueError, PushError, BusyMachineError, SpeedupMissError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -21,14 +21,14 @@ from .environment import InferenceEnvironment
 from .speedup import SpeedupMeasurement, measure_model_ms, measure_speedup
 from .table import DEFAULT_MLP_LEVELS, FORMAT_VERSION, LatencyTable, mlp_grid, model_signature
 from .table_cache import CACHE_ENV_VAR, default_cache_dir, get_latency_table, latency_table_path
-from .table_measure import MIN_MS, measure_latency_table, monotone
+from .table_measure import MIN_MS, BusyMachineError, measure_latency_table, monotone
 
 
 def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_table: Any = None, *,
-                          device: Any = None, progress: bool = True) -> LatencyTable:
+                          device: Any = None, progress: bool = True, remeasure: bool = False) -> LatencyTable:
     """The table a speedup target refers to: ``latency_table`` (a table, its dict or its JSON file, checked against
     the model), else one measured (or read from the cache) in ``latency`` (an environment or its fields; unset
-    device and dtype follow ``device`` or the model)."""
+    device and dtype follow ``device`` or the model; ``remeasure``: ignore a cached table)."""
     if latency_table is not None:
         if isinstance(latency_table, LatencyTable):
             table = latency_table
@@ -48,7 +48,7 @@ def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_t
         fields.setdefault("device", str(device or param.device))
         fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
         env = InferenceEnvironment(**fields)
-    return get_latency_table(model, env, progress=progress)
+    return get_latency_table(model, env, progress=progress, remeasure=remeasure)
 
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_MLP_LEVELS",
     "FORMAT_VERSION",
     "MIN_MS",
+    "BusyMachineError",
     "STACK_DEPTH",
     "TABLE_METHOD",
     "InferenceEnvironment",

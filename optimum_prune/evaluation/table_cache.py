@@ -67,12 +67,30 @@ def get_latency_table(
     if not remeasure and path.exists():
         table = _load_cached(path, key, signature, grid)
         if table is not None:
-            logger.info("reusing the latency table cached at %s (pass remeasure=True to measure again)", path)
+            logger.warning("reusing the latency table measured %s ago for %s (%s); remeasure=True "
+                           "(--remeasure-latency) measures again", _age(path), _environment(table), path)
             return table
     table = measure_latency_table(model, environment, mlp_levels=grid, **kwargs)
     table.save(path)
     logger.info("saved the latency table to %s", path)
     return table
+
+
+def _age(path: Path) -> str:
+    """How long ago ``path`` was written, in words ("3 min", "2.5 h", "4 d")."""
+    import time
+
+    seconds = max(0.0, time.time() - path.stat().st_mtime)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}" if seconds < 10 * size else f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _environment(table: LatencyTable) -> str:
+    env = table.environment
+    return (f"{env.device} {env.dtype}, batch {env.batch_size} x {env.seq_len} tokens, {env.mode}, "
+            f"{env.threads} thread(s)")
 
 
 def _load_cached(path: Path, key: str, signature: str, grid: list[int]) -> LatencyTable | None:

@@ -28,6 +28,18 @@ MIN_MS = 1e-6
 """What a negative (noise-dominated) sublayer time is clamped to, so that removing a sublayer still pays."""
 
 
+class BusyMachineError(RuntimeError):
+    """Latency measurements that stayed disturbed (other work on the machine) after re-measuring."""
+
+
+CHECK_FLOOR_MS = 5.0
+"""Below this dense-model time, timings are noise-dominated and the disturbance checks are skipped."""
+DROP_TOLERANCE = 0.25
+"""A sublayer time may come out negative, or fall as units are added, by at most this fraction of a full block."""
+DENSE_TOLERANCE = 0.25
+"""Dense-model timings before and after the table may differ by at most this fraction."""
+
+
 def measure_latency_table(
     model: PreTrainedModel,
     environment: InferenceEnvironment,
@@ -36,14 +48,19 @@ def measure_latency_table(
     repeats: int = 10,
     warmup: int = 3,
     progress: bool = True,
+    check: bool = True,
+    attempts: int = 3,
 ) -> LatencyTable:
     """Time every attention level and FFN width of one block, and the dense model, in ``environment``.
 
     The model itself is only run (never modified); when it is not already on the environment's device in
     its dtype, a random-weight copy of the same shapes is timed instead (weights do not change latency).
+    With ``check``, a measurement that looks disturbed (sublayer times clearly negative or falling as units
+    are added, dense timings before and after that disagree, blocks alone slower than the whole model) is
+    taken again, up to ``attempts`` times in all, then refused with ``BusyMachineError``.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if repeats < 1 or warmup < 0 or attempts < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and attempts >= 1, got {repeats}, {warmup}, {attempts}")
     env = environment.resolved()
     env.check_available()
     _check_model(model, env)
@@ -57,32 +74,22 @@ def measure_latency_table(
     key = env.key()
     logger.info("measuring the latency table of %s (%s): %d attention levels, %d MLP widths",
                 type(model).__name__, key, len(attention_levels), len(grid))
-
-    bar = logging.tqdm(total=len(attention_levels) + len(grid) + 2, desc="latency table", unit="level",
-                       disable=not progress)
-    clamped: list[str] = []
-    attention: dict[tuple[int, int], float] = {}
-    mlp: dict[int, float] = {}
-    try:
-        with pinned_threads(env.threads), torch.no_grad():
-            block_timer = StackTimer(model, adapter, env, ids, timing, min(num_layers, STACK_DEPTH))
-            base = block_timer.time(PruningConfig(drop_attention=[0], drop_mlp=[0]))
-            bar.update(1)
-            for g, q in attention_levels:
-                heads = _removed_heads(dims, g, q)
-                total = block_timer.time(PruningConfig(remove_heads={0: heads}, drop_mlp=[0]))
-                attention[(g, q)] = _difference(total, base, f"attention {(g, q)}", clamped)
-                bar.update(1)
-            for n in grid:
-                total = block_timer.time(PruningConfig(remove_neurons={0: list(range(n, dims.intermediate_size))},
-                                                       drop_attention=[0]))
-                mlp[n] = _difference(total, base, f"MLP {n}", clamped)
-                bar.update(1)
-            del block_timer
-            dense_ms = time_model(model, env, ids, timing)
-            bar.update(1)
-    finally:
-        bar.close()
+    found: list[str] = []
+    for attempt in range(1, attempts + 1):
+        raw = _measure_once(model, adapter, dims, env, ids, timing, attention_levels, grid, num_layers,
+                            progress=progress, label="latency table" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        found = disturbances(raw, dims, num_layers) if check else []
+        if not found:
+            break
+        logger.warning("the latency measurement looks disturbed (%s)%s", "; ".join(found),
+                       "; measuring again" if attempt < attempts else "")
+    else:
+        raise BusyMachineError(
+            f"the latency table could not be measured steadily in {attempts} attempts ({'; '.join(found)}): the "
+            "machine looks busy. Measure on an idle machine (stop other work, or pin threads with "
+            "latency=dict(threads=...)), or pass latency_table= a table measured elsewhere")
+    attention, mlp, dense_ms = raw["attention"], raw["mlp"], raw["dense_ms"]
+    clamped = [label for label, diff in raw["diffs"].items() if diff <= 0]
     if clamped:
         logger.warning("%d sublayer time(s) came out negative (timing noise: the sublayer is too small to time "
                        "here) and were set to %g ms: %s. More repeats or a longer seq_len give steadier numbers.",
@@ -104,6 +111,79 @@ def measure_latency_table(
                         dense_ms=dense_ms, num_layers=num_layers, environment_key=key)
 
 
+def _measure_once(model, adapter, dims: ModelDims, env: InferenceEnvironment, ids: torch.Tensor, timing: dict,
+                  attention_levels: list[tuple[int, int]], grid: list[int], num_layers: int, *, progress: bool,
+                  label: str) -> dict:
+    """One pass: the dense model, every level (raw differences to the sublayer-free block), the dense model again."""
+    bar = logging.tqdm(total=len(attention_levels) + len(grid) + 3, desc=label, unit="level", disable=not progress)
+    diffs: dict[str, float] = {}
+    attention: dict[tuple[int, int], float] = {}
+    mlp: dict[int, float] = {}
+    try:
+        with pinned_threads(env.threads), torch.no_grad():
+            dense_before = time_model(model, env, ids, timing)
+            bar.update(1)
+            block_timer = StackTimer(model, adapter, env, ids, timing, min(num_layers, STACK_DEPTH))
+            base = block_timer.time(PruningConfig(drop_attention=[0], drop_mlp=[0]))
+            bar.update(1)
+            for g, q in attention_levels:
+                total = block_timer.time(PruningConfig(remove_heads={0: _removed_heads(dims, g, q)}, drop_mlp=[0]))
+                diffs[f"attention {(g, q)}"] = total - base
+                attention[(g, q)] = max(total - base, MIN_MS)
+                bar.update(1)
+            for n in grid:
+                total = block_timer.time(PruningConfig(remove_neurons={0: list(range(n, dims.intermediate_size))},
+                                                       drop_attention=[0]))
+                diffs[f"MLP {n}"] = total - base
+                mlp[n] = max(total - base, MIN_MS)
+                bar.update(1)
+            del block_timer
+            dense_ms = time_model(model, env, ids, timing)
+            bar.update(1)
+    finally:
+        bar.close()
+    return {"attention": attention, "mlp": mlp, "diffs": diffs, "base": base, "dense_ms": dense_ms,
+            "dense_before": dense_before}
+
+
+def disturbances(raw: dict, dims: ModelDims, num_layers: int) -> list[str]:
+    """What in one raw measurement says the machine was disturbed (empty: it looks steady)."""
+    dense, before = raw["dense_ms"], raw["dense_before"]
+    if min(dense, before) < CHECK_FLOOR_MS:
+        return []  # too fast to tell noise from disturbance
+    found = []
+    if abs(dense - before) > DENSE_TOLERANCE * min(dense, before):
+        found.append(f"the dense model timed {before:.4g} ms before the table and {dense:.4g} ms after")
+    attention, mlp = raw["attention"], raw["mlp"]
+    full_attention = (dims.num_kv_heads, dims.heads_per_group)
+    block = raw["base"] + attention[full_attention] + mlp[max(mlp)]
+    slack = DROP_TOLERANCE * block
+    negative = [label for label, diff in raw["diffs"].items() if diff < -slack]
+    if negative:
+        found.append(f"{len(negative)} sublayer time(s) clearly negative ({', '.join(negative)})")
+    falls = _falls(mlp, sorted(mlp), slack, "MLP")
+    for g in range(1, dims.num_kv_heads + 1):
+        falls += _falls(attention, [(g, q) for q in range(1, dims.heads_per_group + 1)], slack, "attention")
+    for q in range(1, dims.heads_per_group + 1):
+        falls += _falls(attention, [(g, q) for g in range(1, dims.num_kv_heads + 1)], slack, "attention")
+    if falls:
+        found.append(f"times fall as units are added ({', '.join(falls)})")
+    if num_layers * (attention[full_attention] + mlp[max(mlp)]) > (1 + DENSE_TOLERANCE) * dense:
+        found.append(f"the blocks timed alone ({num_layers * (attention[full_attention] + mlp[max(mlp)]):.4g} ms) "
+                     f"exceed the whole model ({dense:.4g} ms)")
+    return found
+
+
+def _falls(values: dict, order: list, slack: float, label: str) -> list[str]:
+    """Keys along ``order`` whose time is more than ``slack`` below an earlier (smaller) level's."""
+    out, highest = [], None
+    for key in order:
+        if highest is not None and values[key] < highest - slack:
+            out.append(f"{label} {key}")
+        highest = values[key] if highest is None else max(highest, values[key])
+    return out
+
+
 def _check_model(model: PreTrainedModel, env: InferenceEnvironment) -> None:
     """A dense model whose inputs fit the environment; errors name the fix."""
     structure = PruningConfig.from_model_config(model.config)
@@ -118,14 +198,6 @@ def _removed_heads(dims: ModelDims, groups: int, q_per_group: int) -> list[int]:
     """Query heads to remove so that ``groups`` KV groups keep ``q_per_group`` heads each (the GQA rule)."""
     r = dims.heads_per_group
     return [h for h in range(dims.num_heads) if h // r >= groups or h % r >= q_per_group]
-
-
-def _difference(total: float, base: float, label: str, clamped: list[str]) -> float:
-    diff = total - base
-    if diff <= 0:
-        clamped.append(label)
-        return MIN_MS
-    return diff
 
 
 def monotone(values: dict, order: Sequence) -> dict:

@@ -96,6 +96,7 @@ class EvoPressConfig(MethodConfig):
     latency: Any = option(None, "structure: the inference environment (as for ZipLM)", nested=ENVIRONMENT,
                           prefix="latency-", nested_help=ENVIRONMENT_HELP)
     latency_table: Any = option(None, "structure: a latency table or its JSON file")
+    remeasure_latency: bool = option(False, "structure: measure the latency table again even when one is cached")
     measure_speedup: bool = option(True, "structure: time the pruned model against the dense one")
     dampening: float = option(0.01, "Hessian dampening (level database / level store)")
     blocksize: int = option(128, "sparsity: columns per lazy OBS update block")

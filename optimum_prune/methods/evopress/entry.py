@@ -70,7 +70,7 @@ def _structure(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
     target = float(config.target_speedup)
     start = time.perf_counter()
     table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
-                                  progress=options.progress)
+                                  progress=options.progress, remeasure=config.remeasure_latency)
     check_targets([target], table)
     ids, calib_info = session.calibration_data(options)
     grid = sorted(table.mlp)

@@ -77,6 +77,7 @@ class ZipLMConfig(MethodConfig):
                           prefix="latency-", nested_help=ENVIRONMENT_HELP, nested_aliases=ENVIRONMENT_ALIASES)
     latency_table: Any = option(None, "a latency table (or its JSON file from `optimum-prune latency`) instead "
                                       "of measuring one here")
+    remeasure_latency: bool = option(False, "measure the latency table again even when a cached one matches")
     search_iterations: int = option(30, "randomized refinement steps per target (0: the DP's choice on OBS "
                                         "losses alone)")
     search_samples: int = option(8, "calibration windows that score the refinement's candidates")

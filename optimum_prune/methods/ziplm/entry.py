@@ -30,7 +30,7 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     targets = config.targets
     start = time.perf_counter()
     table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
-                                  progress=options.progress)
+                                  progress=options.progress, remeasure=config.remeasure_latency)
     check_targets(targets, table)
     tuning = finetune_settings(session, config.finetune, options) if config.finetune is not None else None
     ids, calib_info = session.calibration_data(options)
