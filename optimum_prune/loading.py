@@ -169,3 +169,12 @@ def make_serializable(model: PreTrainedModel) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+
+
+def add_model_arguments(parser: Any) -> None:
+    """--model / --gguf-file / --task on an argparse parser: the one definition every command uses."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"Hub id, directory, .gguf file, or an embedded model ({', '.join(EMBEDDED_MODELS)}); "
+                             f"default: {DEFAULT_MODEL}")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model's directory or repo")
+    parser.add_argument("--task", choices=list(TASKS), help="model head to load (default: from config.json)")

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Sequence
 
-from ..loading import DEFAULT_MODEL, EMBEDDED_MODELS, TASKS
+from ..loading import add_model_arguments
 from ..methods.base import RunConfig
 from ..methods.registry import REGISTRY
 from .commands import COMMANDS, parse_index_spec
@@ -17,12 +17,8 @@ __all__ = ["build_parser", "main", "parse_index_spec"]
 
 
 def model_args(p: argparse.ArgumentParser, *, output: bool = True, eval_text: bool = True) -> None:
-    """--model / --gguf-file / --task (and --output / --push-to-hub): defined once, used by every command."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hub id, directory, .gguf file, or an embedded model ({', '.join(EMBEDDED_MODELS)}); "
-                        f"default: {DEFAULT_MODEL}")
-    p.add_argument("--gguf-file", help="GGUF file inside --model's directory or repo")
-    p.add_argument("--task", choices=list(TASKS), help="model head to load (default: from config.json)")
+    """--model / --gguf-file / --task (defined once, in loading) and --output / --push-to-hub / --eval-text."""
+    add_model_arguments(p)
     if output:
         p.add_argument("--output", required=True, help="directory for the compressed checkpoint")
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..loading import add_model_arguments
 from ..text import DATASETS, DatasetUnavailableError, read_text
 from .harness import lm_eval
 from .report import evaluate
@@ -18,14 +19,10 @@ from .report import evaluate
 
 def add_eval_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand on an ``argparse`` subparsers object; returns its parser."""
-    from ..loading import DEFAULT_MODEL, EMBEDDED_MODELS
-
     p = subparsers.add_parser("eval", help="perplexity, KL to the dense model, latency and size of a model",
                               description="Evaluate a model with the project protocol (perplexity over the first "
                                           "--max-windows windows of --seq-len tokens) and print a Markdown table.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"directory, Hub id, .gguf file or embedded model ({', '.join(EMBEDDED_MODELS)})")
-    p.add_argument("--gguf-file", help="GGUF file inside --model's directory or repo")
+    add_model_arguments(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", help="a text file to compute perplexity on (e.g. ../shared/data/wikitext-2/test.txt)")
     source.add_argument("--dataset", choices=list(DATASETS), help="a dataset from the Hub (needs internet)")
@@ -57,7 +54,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         text = None
         if args.text or args.dataset:
             text = read_text(args.text or args.dataset, split=args.split)
-        model, tokenizer, _ = load_model(args.model, gguf_file=args.gguf_file)
+        model, tokenizer, _ = load_model(args.model, gguf_file=args.gguf_file, task=getattr(args, "task", None))
         if text is not None and tokenizer is None:
             raise ValueError(f"no tokenizer found for {args.model}; cannot tokenize the text")
         reference = load_model(args.reference, tokenizer=False)[0] if args.reference else None
@@ -94,17 +91,13 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
 def add_latency_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``latency`` subcommand on an ``argparse`` subparsers object; returns its parser."""
-    from ..loading import DEFAULT_MODEL, EMBEDDED_MODELS, TASKS
     from .table import DEFAULT_MLP_LEVELS
     from .table_cache import CACHE_ENV_VAR
 
     p = subparsers.add_parser("latency", help="measure (or reuse) the ZipLM latency table of a model",
                               description="Time every attention level and FFN width of one block, and the dense "
                                           "model, in an inference environment; cached per environment and model.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"directory, Hub id, .gguf file or embedded model ({', '.join(EMBEDDED_MODELS)})")
-    p.add_argument("--gguf-file", help="GGUF file inside --model's directory or repo")
-    p.add_argument("--task", choices=list(TASKS), help="model head to load (default: from config.json)")
+    add_model_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     p.add_argument("--batch-size", type=int, default=1)

@@ -38,6 +38,8 @@ DROP_TOLERANCE = 0.25
 """A sublayer time may come out negative, or fall as units are added, by at most this fraction of a full block."""
 DENSE_TOLERANCE = 0.25
 """Dense-model timings before and after the table may differ by at most this fraction."""
+CHECK_REPEATS = 5
+"""With fewer timed runs per level the medians are too coarse to judge, and the checks are skipped."""
 
 
 def measure_latency_table(
@@ -55,7 +57,7 @@ def measure_latency_table(
 
     The model itself is only run (never modified); when it is not already on the environment's device in
     its dtype, a random-weight copy of the same shapes is timed instead (weights do not change latency).
-    With ``check``, a measurement that looks disturbed (sublayer times clearly negative or falling as units
+    With ``check`` (and at least ``CHECK_REPEATS`` repeats), a measurement that looks disturbed (sublayer times clearly negative or falling as units
     are added, dense timings before and after that disagree, blocks alone slower than the whole model) is
     taken again, up to ``attempts`` times in all, then refused with ``BusyMachineError``.
     """
@@ -78,7 +80,7 @@ def measure_latency_table(
     for attempt in range(1, attempts + 1):
         raw = _measure_once(model, adapter, dims, env, ids, timing, attention_levels, grid, num_layers,
                             progress=progress, label="latency table" + (f" (attempt {attempt})" if attempt > 1 else ""))
-        found = disturbances(raw, dims, num_layers) if check else []
+        found = disturbances(raw, dims, num_layers) if check and repeats >= CHECK_REPEATS else []
         if not found:
             break
         logger.warning("the latency measurement looks disturbed (%s)%s", "; ".join(found),
