@@ -169,7 +169,7 @@ def disturbances(raw: dict, dims: ModelDims, num_layers: int) -> list[str]:
     for q in range(1, dims.heads_per_group + 1):
         falls += _falls(attention, [(g, q) for g in range(1, dims.num_kv_heads + 1)], slack, "attention")
     if falls:
-        found.append(f"times fall as units are added ({', '.join(falls)})")
+        found.append(f"times fall as units are added ({', '.join(dict.fromkeys(falls))})")
     if num_layers * (attention[full_attention] + mlp[max(mlp)]) > (1 + DENSE_TOLERANCE) * dense:
         found.append(f"the blocks timed alone ({num_layers * (attention[full_attention] + mlp[max(mlp)]):.4g} ms) "
                      f"exceed the whole model ({dense:.4g} ms)")
