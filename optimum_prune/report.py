@@ -38,6 +38,10 @@ class PruningSummary:
     layers_before: int
     layers_after: int
     rows: list[LayerRow] = field(default_factory=list)
+    target_speedup: float | None = None
+    measured_speedup: float | None = None
+    speedup_missed: float | None = None
+    """The relative miss when the measured speedup is outside the tolerance after re-aiming (None: met)."""
 
     @property
     def param_reduction(self) -> float:
@@ -51,8 +55,13 @@ class PruningSummary:
             f"| weights size | {_mb(self.bytes_before)} | {_mb(self.bytes_after)} | "
             f"{(self.bytes_after / self.bytes_before - 1) if self.bytes_before else 0:+.1%} |",
             f"| layers | {self.layers_before} | {self.layers_after} | {self.layers_after - self.layers_before:+d} |",
-            "",
         ]
+        if self.measured_speedup is not None:
+            verdict = (f"target {self.target_speedup:g}x MISSED by {100 * self.speedup_missed:+.1f}%"
+                       if self.speedup_missed is not None else
+                       f"target {self.target_speedup:g}x" if self.target_speedup else "measured")
+            lines.append(f"| speedup | 1.00x | {self.measured_speedup:.3f}x | {verdict} |")
+        lines.append("")
         rows = [r for r in self.rows if r.status] if changed_only else self.rows
         if rows:
             lines += ["| layer | query heads | KV heads | FFN neurons | removed |", "|---:|---:|---:|---:|---|"]
@@ -122,5 +131,9 @@ def summarize(model: PreTrainedModel) -> PruningSummary:
         if not status and (heads_gone or structure.remove_neurons.get(layer)):
             status.append("units")
         rows.append(LayerRow(layer, heads, kv, neurons, ", ".join(status)))
+    search = structure.search or {}
+    target = structure.target_speedup if isinstance(structure.target_speedup, (int, float)) else None
     return PruningSummary(params_before, params_after, bytes_before, bytes_after, n_orig,
-                          len(adapter.layers(model)), rows)
+                          len(adapter.layers(model)), rows, target_speedup=target,
+                          measured_speedup=structure.measured_speedup,
+                          speedup_missed=search.get("miss") if search.get("target_missed") else None)

@@ -489,6 +489,7 @@ def test_a_missed_target_warns_in_the_log_the_family_table_and_the_card_or_raise
     assert any("outside the ±3% tolerance" in r.getMessage() and "re-measure" in r.getMessage()
                for r in caplog.records)
     assert "(missed, -45.0%)" in family.to_markdown()
+    assert "| speedup | 1.00x | 1.100x | target 2x MISSED by -45.0% |" in family[2.0].summary().to_markdown()
     family[2.0].save_pretrained(tmp_path / "m")
     assert "| **warning** | measured speedup 1.1x misses the target 2x" in (tmp_path / "m" / "README.md").read_text()
     with pytest.raises(entry.SpeedupMissError, match="outside the ±3% tolerance"):
