@@ -89,6 +89,25 @@ def save_packed(model: nn.Module, directory: str | os.PathLike, records: dict[st
         f.write("\n")
 
 
+def packing_problem(model: nn.Module, *, symmetric: bool = True) -> str | None:
+    """Why quantizing this model's block Linears would give weights that cannot be saved packed (None: they can)."""
+    from .engine.layers import linear_groups
+    from .modeling.adapters import get_adapter
+
+    if not symmetric:
+        return ("asymmetric grids cannot be saved packed yet (compressed-tensors reloads their zero points "
+                "wrongly): quantize with symmetric=True to save")
+    adapter = get_adapter(model)
+    for block in adapter.layers(model):
+        for group in linear_groups(adapter, block):
+            for module in group.modules:
+                if not isinstance(module, nn.Linear):
+                    return (f"cannot save packed weights for {type(module).__name__} layers (GPT-2 uses Conv1D): "
+                            "compressed-tensors stores nn.Linear only. Quantize a Llama-style, OPT or BERT model, "
+                            "or use the Python API and evaluate the fake-quantized model in memory")
+    return None
+
+
 def check_packable(model: nn.Module, records: dict[str, QuantRecord]) -> None:
     """Fail before anything is written when a quantized layer cannot be stored packed."""
     modules = dict(model.named_modules())

@@ -199,6 +199,14 @@ class CompressionSession:
     # ------------------------------------------------------------------ calibration
     def calibration_data(self, options: RunConfig) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token windows [num_samples, seq_len] for ``options`` (cached per source and sizes) and their description."""
+        from .evaluation.models import max_positions
+
+        limit = max_positions(self.model)
+        given = options.calibration  # token ids bring their own window length
+        width = given.shape[-1] if isinstance(given, torch.Tensor) else options.seq_len
+        if limit is not None and width > limit:
+            raise ConfigError(f"seq_len={width} is longer than this model's {limit} positions "
+                              f"(max_position_embeddings): use seq_len={limit} or less")
         key = (options.num_samples, options.seq_len, options.seed)
         cache = self._calibration_cache
         if cache is not None and cache[0] is options.calibration and cache[1] == key:

@@ -244,3 +244,27 @@ def torch_ids():
     import torch
 
     return torch.randint(1, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_requests_that_would_fail_late_fail_first(tmp_path, monkeypatch, capsys):
+    from optimum_prune.cli import main
+
+    with pytest.raises(ValueError, match="not both"):
+        SparseGPTConfig(sparsity=0.7, n_m="2:4")  # N:M would silently give 50%
+    monkeypatch.setattr(CompressionSession, "calibration_data",
+                        lambda *a, **k: pytest.fail("no calibration for a request that cannot work"))
+    pruner = Pruner(FAMILIES["llama-gqa"].build())  # 64 positions
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="seq_len=128 is longer than this model's 64 positions"):
+        pruner.prune(sparsity=0.5, seq_len=128, num_samples=2, calibration="unused.txt")
+    (tmp_path / "file").write_text("x")
+    loaded = []
+    monkeypatch.setattr("optimum_prune.Pruner.from_pretrained", lambda *a, **k: loaded.append(a))
+    assert main(["prune", "--sparsity", "0.5", "--output", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err and not loaded
+    FAMILIES["gpt2"].build().save_pretrained(tmp_path / "gpt2")
+    monkeypatch.undo()
+    monkeypatch.setattr(CompressionSession, "calibration_data",
+                        lambda *a, **k: pytest.fail("no GPTQ run for a model that cannot be saved packed"))
+    assert main(["quantize", "--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "q")]) == 2
+    assert "Conv1D" in capsys.readouterr().err and not (tmp_path / "q").exists()

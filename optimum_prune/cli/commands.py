@@ -27,6 +27,15 @@ def parse_index_spec(text: str, option: str) -> dict[int, list[int]]:
     return out
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """--output must be a directory or a new path: fail before any work, not at save time."""
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} exists and is not a directory; choose another output path")
+
+
 def _check_push(args: argparse.Namespace) -> None:
     """With --push-to-hub, fail before any work when the upload cannot happen (no token, no network)."""
     if getattr(args, "push_to_hub", None):
@@ -120,9 +129,16 @@ def _method(args: argparse.Namespace) -> int:
     """prune / quantize / heal: one method, configured from the flags."""
     kind = args.command
     spec, config, run = _configs(kind, args)
+    _check_output(args)
     _check_push(args)
     start = time.perf_counter()
     session = _load(kind, args)
+    if kind == "quantize":  # the CLI always saves: a model that cannot be stored packed fails before GPTQ
+        from ..packing import packing_problem
+
+        problem = packing_problem(session.model, symmetric=getattr(config, "symmetric", True))
+        if problem:
+            raise ValueError(problem)
     result = session.run_method(config, run)
     _describe(spec, session, config)
     if kind == "quantize":
@@ -162,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
                          "not both")
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_checkpoint(args.recipe_from)
     print("recipe: " + " -> ".join(s.config.name for s in recipe.stages))
+    _check_output(args)
     _check_push(args)
     start = time.perf_counter()
     session = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)

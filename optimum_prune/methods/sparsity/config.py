@@ -33,6 +33,9 @@ class SparsityConfig(MethodConfig):
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.sparsity is None and not m:
             raise ConfigError("give `sparsity` (e.g. 0.5, or a per-layer dict) or `n_m` (e.g. \"2:4\")")
+        if self.sparsity is not None and m:
+            raise ConfigError(f"give `sparsity` or `n_m`, not both: N:M {n}:{m} zeroes exactly {n / m:.0%} of the "
+                              "weights, whatever `sparsity` says")
         values = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity or 0.0]
         for value in values:
             if not is_number(value) or not 0.0 <= value < 1.0:
