@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
-from .methods.base import MethodConfig
+from .methods.base import MethodConfig, with_training_args
 from .session import CompressionSession
 
 
@@ -46,8 +45,4 @@ class Pruner(CompressionSession):
 
         if isinstance(train_dataset, HealConfig):
             return self.run_method(train_dataset)
-        known = {f.name for f in fields(HealConfig)}
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
-        if extra:
-            kwargs["training_args"] = {**extra, **dict(kwargs.get("training_args") or {})}
-        return self.run_method(HealConfig(train_dataset=train_dataset, **kwargs))
+        return self.run_method(HealConfig(**with_training_args(HealConfig, {"train_dataset": train_dataset, **kwargs})))

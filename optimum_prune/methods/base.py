@@ -217,10 +217,7 @@ class RunConfig(ConfigBase):
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, "num_samples", "seq_len", "batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
@@ -232,16 +229,21 @@ class RunConfig(ConfigBase):
                                  progress=self.progress, description=description)
 
 
-def split_keywords(kwargs: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
-    """Split keyword arguments among config classes by field name (first class wins); leftovers fail clearly."""
-    parts: list[dict[str, Any]] = [{} for _ in classes]
-    for key, value in kwargs.items():
-        for part, cls in zip(parts, classes):
-            if key in {f.name for f in fields(cls) if f.init}:
-                part[key] = value
-                break
-        else:
-            valid = sorted({f.name for cls in classes for f in fields(cls) if f.init})
-            names = ", ".join(getattr(c, "name", "") or c.__name__ for c in classes)
-            raise TypeError(f"unexpected keyword argument {key!r} for {names}; valid: {', '.join(valid)}")
-    return parts
+def check_positive(config: Any, *names: str, integer: bool = True, label: str = "") -> None:
+    """Each named field of ``config`` must be a positive integer (or, ``integer=False``, a positive number)."""
+    for name in names:
+        value = getattr(config, name)
+        ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+        if not ok or not value > 0:
+            raise ConfigError(f"{label}{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def with_training_args(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` for ``cls`` with the keys it has no field for moved into its ``training_args`` (Trainer
+    arguments passed as plain keywords, as ``heal(..., warmup_steps=10)`` does)."""
+    known = {f.name for f in fields(cls)}
+    values = dict(values)
+    extra = {k: values.pop(k) for k in list(values) if k not in known}
+    if extra:
+        values["training_args"] = {**extra, **dict(values.get("training_args") or {})}
+    return values

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import ConfigError, MethodConfig, option
+from ..base import ConfigError, MethodConfig, check_positive, option
 from ..common import is_number, layer_keys, per_layer
 
 
@@ -42,5 +42,4 @@ class GPTQConfig(MethodConfig):
                       [] if self.sparsity is None else [self.sparsity]):
             if not is_number(value) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"sparsity must be in [0, 1), got {value!r}")
-        if not is_number(self.dampening) or not self.dampening > 0:
-            raise ConfigError(f"dampening must be a positive number, got {self.dampening!r}")
+        check_positive(self, "dampening", integer=False)

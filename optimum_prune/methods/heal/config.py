@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import ConfigError, MethodConfig, option
-from ..common import is_number, json_object
+from ..base import ConfigError, MethodConfig, check_positive, option
+from ..common import json_object
 
 
 @dataclass
@@ -41,12 +41,8 @@ class HealConfig(MethodConfig):
         if self.train_dataset is None:
             raise ConfigError("heal trains on generic text: pass train_dataset= a text file, strings, a "
                               "datasets.Dataset, a dataset name (e.g. 'fineweb-edu') or token ids")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not is_number(self.learning_rate) or not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        check_positive(self, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len")
+        check_positive(self, "learning_rate", integer=False)
         self.training_args = dict(self.training_args or {})
 
     def trainer_arguments(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import ConfigError, MethodConfig, option
+from ..base import ConfigError, MethodConfig, check_positive, option
 from ..common import is_number, json_object, layer_keys, parse_n_m, per_layer
 
 SCHEDULES = ("uniform", "hessian-kmeans", "owl")
@@ -43,8 +43,7 @@ class SparsityConfig(MethodConfig):
         if self.schedule != "uniform" and (isinstance(self.sparsity, dict) or m):
             raise ConfigError(f"schedule={self.schedule!r} spreads ONE target sparsity over the layers: "
                               "give sparsity as a number and no n_m")
-        if not is_number(self.dampening) or not self.dampening > 0:
-            raise ConfigError(f"dampening must be a positive number, got {self.dampening!r}")
+        check_positive(self, "dampening", integer=False)
         self.schedule_options = dict(self.schedule_options or {})
 
     @property

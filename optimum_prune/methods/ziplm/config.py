@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import ConfigBase, ConfigError, MethodConfig, option
+from ..base import ConfigBase, ConfigError, MethodConfig, check_positive, option, with_training_args
 from ..common import is_number, json_object
 
 ENVIRONMENT = "optimum_prune.evaluation.environment:InferenceEnvironment"
@@ -44,10 +44,7 @@ class FinetuneConfig(ConfigBase):
         if self.train_dataset is None:
             raise ConfigError("gradual ZipLM fine-tunes between pruning steps: pass finetune=dict(train_dataset=..., "
                               "max_steps=...) with a text file, strings, a datasets.Dataset or token ids")
-        for name in ("max_steps", "stages", "per_device_train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"finetune {name} must be a positive integer, got {value!r}")
+        check_positive(self, "max_steps", "stages", "per_device_train_batch_size", label="finetune ")
         self.training_args = dict(self.training_args or {})
 
     @classmethod
@@ -55,12 +52,7 @@ class FinetuneConfig(ConfigBase):
         """From a ``FinetuneConfig``, a dict of its fields (unknown keys are TrainingArguments) or None."""
         if value is None or isinstance(value, cls):
             return value
-        known = {name for name in cls.__dataclass_fields__}
-        args = dict(value)
-        extra = {k: args.pop(k) for k in list(args) if k not in known}
-        if extra:
-            args["training_args"] = {**extra, **dict(args.get("training_args") or {})}
-        return cls(**args)
+        return cls(**with_training_args(cls, value))
 
 
 @dataclass
@@ -105,8 +97,7 @@ class ZipLMConfig(MethodConfig):
             raise ConfigError("latency must be an InferenceEnvironment or a dict of its fields (device, dtype, "
                               f"batch_size, seq_len, mode, threads), got {self.latency!r}")
         self.finetune = FinetuneConfig.of(self.finetune)
-        if not is_number(self.dampening) or not self.dampening > 0:
-            raise ConfigError(f"dampening must be a positive number, got {self.dampening!r}")
+        check_positive(self, "dampening", integer=False)
 
     @property
     def targets(self) -> list[float]:
