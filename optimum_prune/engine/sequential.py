@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,12 @@ import torch
 from accelerate import cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import send_to_device
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from ..modeling.adapters import get_adapter
-from ..saving import atomic_write
+from .checkpoint import Checkpoint, run_fingerprint
 from .hessian import capture_hessians
 from .layers import LinearGroup, linear_groups, original_layer_indices
 
@@ -137,13 +135,25 @@ def run_sequential(
     options = options or SequentialOptions()
     device = torch.device(options.device) if options.device is not None else default_device()
     store = torch.device(options.offload_device)
+    start = time.perf_counter()
+    ckpt = None
+    if options.checkpoint_dir:
+        ckpt = Checkpoint(options.checkpoint_dir, run_fingerprint(model, run_id, input_ids, options.batch_size))
+    try:
+        return _run_blocks(model, input_ids, compress, hessians, options, ckpt, device, store, start)
+    except KeyboardInterrupt as err:  # the CLI says where to resume from
+        if ckpt is not None:
+            err.checkpoint_dir = str(ckpt.dir)  # type: ignore[attr-defined]
+        raise
+
+
+def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, hessians: str | None,
+                options: SequentialOptions, ckpt: Checkpoint | None, device: torch.device, store: torch.device,
+                start: float) -> SequentialResult:
+    """The loop of ``run_sequential`` (resume, capture, then block by block)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     originals = original_layer_indices(model)
-    start = time.perf_counter()
-    run_key = fingerprint(run_id, input_ids, type(model).__name__, len(layers), options.batch_size)
-
-    ckpt = Checkpoint(options.checkpoint_dir, run_key) if options.checkpoint_dir else None
     result = SequentialResult()
     first = 0
     if ckpt is not None and ckpt.exists():
@@ -218,58 +228,3 @@ def _offload(block: nn.Module, hook) -> None:
     if hook is not None:
         hook.offload()
         remove_hook_from_module(block)
-
-
-class Checkpoint:
-    """Resume state of a sequential run: one safetensors file per finished block plus the next inputs."""
-
-    def __init__(self, directory: str | os.PathLike, run_key: str) -> None:
-        self.dir = Path(directory)
-        self.run_key = run_key
-
-    @property
-    def state_file(self) -> Path:
-        return self.dir / "state.json"
-
-    def exists(self) -> bool:
-        if not self.state_file.is_file():
-            return False
-        state = json.loads(self.state_file.read_text())
-        if state.get("run") != self.run_key:
-            logger.warning("%s holds a checkpoint of a different run (settings or data changed): starting over",
-                           self.dir)
-            return False
-        return state.get("next_block", 0) > 0
-
-    def load_blocks(self, layers: nn.ModuleList, originals: list[int], compress: BlockFn
-                    ) -> tuple[int, list[dict[str, Any]]]:
-        state = json.loads(self.state_file.read_text())
-        first = state["next_block"]
-        restore = getattr(compress, "import_state", None)
-        for index in range(first):
-            weights = load_file(str(self.dir / f"block_{index:04d}.safetensors"))
-            missing, unexpected = layers[index].load_state_dict(weights, strict=False)
-            if unexpected or [m for m in missing if not m.endswith("inv_freq")]:
-                raise RuntimeError(f"checkpoint block {index} does not match the model; delete {self.dir}")
-            extra = self.dir / f"block_{index:04d}.extra.safetensors"
-            if restore is not None and extra.is_file():
-                restore(originals[index], load_file(str(extra)))
-        return first, state["stats"]
-
-    def load_activations(self, store: torch.device) -> list[torch.Tensor]:
-        return [t.to(store) for t in torch.load(self.dir / "activations.pt", weights_only=True)]
-
-    def save(self, index: int, block: nn.Module, hidden: list[torch.Tensor], stats: list[dict[str, Any]],
-             extra: dict[str, torch.Tensor]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        atomic_write(self.dir / f"block_{index:04d}.safetensors", lambda p: save_file(tensors, str(p)))
-        if extra:
-            extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
-            atomic_write(self.dir / f"block_{index:04d}.extra.safetensors", lambda p: save_file(extra, str(p)))
-        atomic_write(self.dir / "activations.pt", lambda p: torch.save([h.cpu() for h in hidden], p))
-        state = {"run": self.run_key, "next_block": index + 1, "stats": stats}
-        atomic_write(self.state_file, lambda p: p.write_text(json.dumps(state)))
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
