@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -9,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -24,7 +28,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     if target == Path.cwd() or (target / ".git").exists():
         raise ValueError(f"refusing to replace {target}: save into a new or model-only directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    recover_interrupted_save(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the final directory should look like any other
@@ -34,19 +39,70 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     backup = None
-    if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    if target.exists():  # the backup names the pid and the new content, so a killed swap can be finished
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
+        (backup / "next").write_text(tmp.name)
         os.replace(target, backup / "content")
     try:
         os.replace(tmp, target)
     except BaseException:
-        if backup is not None:
+        if backup is not None:  # if this fails too, the backup stays for recover_interrupted_save
             os.replace(backup / "content", target)
+            shutil.rmtree(backup, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _gone(path: Path, name: str, *, mine: bool) -> bool:
+    """Whether the process that made ``.<name>.<pid>.*`` has ended (``mine``: the answer for this process)."""
+    pid = path.name[len(name) + 2:].split(".")[0]
+    if not pid.isdigit():
+        return True  # made before names carried a pid
+    if int(pid) == os.getpid():
+        return mine
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> str | None:
+    """Finish or undo a directory swap killed between its two renames; returns "completed", "rolled back" or None.
+
+    A killed ``atomic_directory`` leaves ``.<name>.<pid>.*.old/content`` (the previous copy) and, in
+    ``next``, the name of the complete new copy. With ``path`` missing, the new copy is moved in when it
+    is still there (completed), else the old one is put back (rolled back); a warning says which.
+    """
+    target = Path(path).absolute()
+    outcome = None
+    if not target.parent.is_dir():
+        return None
+    for backup in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.old")):
+        if not backup.is_dir() or not _gone(backup, target.name, mine=True):
+            continue
+        content, marker = backup / "content", backup / "next"
+        fresh = target.parent / marker.read_text().strip() if marker.is_file() else None
+        if content.exists() and not target.exists():
+            if fresh is not None and fresh.parent == target.parent and fresh.is_dir():
+                os.replace(fresh, target)
+                outcome = "completed"
+                logger.warning("%s: found a save interrupted between its two renames; completed it (the new copy "
+                               "is in place, the previous one was removed)", target)
+            else:
+                os.replace(content, target)
+                outcome = "rolled back"
+                logger.warning("%s: found a save interrupted between its two renames; rolled it back (the "
+                               "previous copy is in place again)", target)
+        shutil.rmtree(backup, ignore_errors=True)
+    for partial in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        if partial.is_dir() and _gone(partial, target.name, mine=False):
+            shutil.rmtree(partial, ignore_errors=True)  # a save killed while writing: never complete
+    return outcome
 
 
 def _file_mode() -> int:
