@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .text import read_text, tokenize_text
+from .text import TextFileError, read_text, tokenize_text
 
 logger = logging.get_logger(__name__)
 
@@ -146,7 +146,10 @@ def load_calibration(
             info["dataset"] = "self-generated"
             return self_generated(model, tokenizer, num_samples, seq_len, seed, progress=progress), info
     else:
-        text = read_text(source, split="train")
+        try:
+            text = read_text(source, split="train")
+        except TextFileError as err:
+            raise CalibrationError(f"calibration file {err}") from None
     return random_windows(_tokens(tokenizer, text), num_samples, seq_len, seed), info
 
 

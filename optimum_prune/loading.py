@@ -12,6 +12,7 @@ from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 from .modeling.adapters import base_model_type, get_adapter
+from .modeling.integrity import check_config
 
 logger = logging.get_logger(__name__)
 
@@ -48,6 +49,50 @@ DEFAULT_MODEL = "smollm2"
 
 class ModelLoadError(ValueError):
     """The checkpoint could not be read (missing, unreachable or a corrupt config.json); says how to fix it."""
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that means a local path, never a Hub id (./x, /x, ~/x, a/b/c, or dir/x with dir existing)."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or os.path.isabs(name):
+        return True
+    if name.endswith(("/", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    return name.endswith(".gguf") or ("/" in name and os.path.isdir(name.partition("/")[0]))
+
+
+def check_local_path(name: str) -> None:
+    """Finish an interrupted save at ``name``, then fail clearly when a path-like name names nothing."""
+    if not looks_like_path(name):
+        return
+    from .saving import recover_interrupted_save
+
+    path = os.path.expanduser(name)
+    recover_interrupted_save(path)
+    if not os.path.exists(path):
+        what = "file" if name.endswith(".gguf") else "directory"
+        raise ModelLoadError(f"the {what} {name} does not exist. Give a local checkpoint directory, a .gguf file, "
+                             f"or an embedded name ({', '.join(EMBEDDED_MODELS)})")
+
+
+def broken_weights(directory: str) -> str | None:
+    """The first weights file in ``directory`` whose header or archive cannot be read, with why; else None."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    if not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith(".bin") and not zipfile.is_zipfile(path):
+                return f"{path} (not a complete PyTorch archive)"
+        except Exception as err:  # safetensors raises its own SafetensorError
+            return f"{path} ({err})"
+    return None
 
 
 def resolve_embedded(name: str) -> tuple[str, str | None, str] | None:
@@ -119,8 +164,10 @@ def load_model(
     if embedded is not None:
         name_or_path, embedded_gguf, base_model = embedded
         gguf_file = gguf_file or embedded_gguf
-    elif not os.path.isdir(name_or_path) and name_or_path.count("/") == 1 and not gguf_file:
-        base_model = name_or_path
+    else:
+        check_local_path(name_or_path)
+        if not os.path.isdir(name_or_path) and name_or_path.count("/") == 1 and not gguf_file:
+            base_model = name_or_path
     if gguf_file and os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
 
@@ -139,9 +186,17 @@ def load_model(
         raise ModelLoadError(f"{err} Give a local checkpoint directory, a .gguf file with gguf_file=, an embedded "
                              f"name ({', '.join(EMBEDDED_MODELS)}) or a reachable Hub id.") from err
     get_adapter(config)  # an unsupported family fails here, before weights are read
+    check_config(config, required=False)  # a corrupt `pruning_config` fails here too, before any allocation
     task = task or infer_task(config)
     logger.info("loading %s as %s", name_or_path, TASKS[task][0])
-    model = auto_class(task).from_pretrained(name_or_path, **load_kwargs)
+    try:
+        model = auto_class(task).from_pretrained(name_or_path, **load_kwargs)
+    except Exception as err:
+        broken = broken_weights(name_or_path)
+        if broken is None:
+            raise
+        raise ModelLoadError(f"the weights file {broken} is truncated or corrupt; restore it from the original "
+                             "checkpoint (download it again, or re-save the model)") from err
     make_serializable(model)
     model.eval()
     tok = None

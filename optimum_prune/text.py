@@ -30,6 +30,26 @@ MAX_STREAMED_DOCUMENTS = 2000
 _SLOW_TOKENIZER_CHUNK = 100_000
 
 
+class TextFileError(ValueError):
+    """A text file that holds no usable text (empty, binary, not UTF-8); the message names the file."""
+
+
+def _read_file(path: Any, strip_bom: bool) -> str:
+    """The file's UTF-8 text; an empty or binary file raises TextFileError naming it and what is expected."""
+    expected = "expected a plain UTF-8 text file (e.g. wikitext-2/train.txt)"
+    try:
+        with open(path, encoding="utf-8-sig" if strip_bom else "utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise TextFileError(f"{os.fspath(path)} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                            f"{err.start}; a binary file?): {expected}") from None
+    if "\x00" in text:
+        raise TextFileError(f"{os.fspath(path)} holds NUL bytes (a binary file?): {expected}")
+    if not text.strip():
+        raise TextFileError(f"{os.fspath(path)} is empty{' (only whitespace)' if text else ''}: {expected}")
+    return text
+
+
 class DatasetUnavailableError(RuntimeError):
     """A dataset given by name could not be loaded (usually: no internet); pass a local text file."""
 
@@ -71,8 +91,7 @@ def read_text(source: Any, split: str = "test", *, strip_bom: bool = False) -> s
     ``strip_bom=True`` drops it). Names (``DATASETS``) need the Hub, so only work online.
     """
     if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.isfile(source)):
-        with open(source, encoding="utf-8-sig" if strip_bom else "utf-8") as f:
-            return f.read()
+        return _read_file(source, strip_bom)
     if isinstance(source, str):
         if source not in DATASETS:
             raise FileNotFoundError(
