@@ -50,6 +50,7 @@ def _method_command(sub, kind: str, help_text: str, default_help: str) -> argpar
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-prune", description="Make transformers models smaller and faster.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     apply = sub.add_parser("apply", help="remove explicit heads / neurons / sublayers / layers, save, verify the reload")
@@ -91,18 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging
 
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
-    from .. import PruningConfigError, UnsupportedArchitectureError
-    from ..calibration import CalibrationError
-    from ..evaluation.table_measure import BusyMachineError
-    from ..methods.ziplm.entry import SpeedupMissError
-    from ..session import PushError
+    from .errors import run_command  # one-line errors, Ctrl-C (exit 130), OS causes; --debug: the traceback
 
-    try:
-        return COMMANDS[args.command](args)
-    except (PruningConfigError, UnsupportedArchitectureError, argparse.ArgumentTypeError, ImportError,
-            CalibrationError, FileNotFoundError, ValueError, PushError, BusyMachineError, SpeedupMissError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":
