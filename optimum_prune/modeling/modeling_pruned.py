@@ -18,11 +18,12 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto import configuration_auto, modeling_auto
 
 from .adapters import ADAPTERS, base_model_type
+from .integrity import check_config, checked_from_pretrained
 from .pruning_config import CONFIG_KEY, PruningConfig, PruningConfigError
 from .surgery import apply_structure
 
 PREFIX = "pruned_"
-REMOTE_CODE_FILES = ("modeling_pruned.py", "surgery.py", "adapters.py", "pruning_config.py")
+REMOTE_CODE_FILES = ("modeling_pruned.py", "surgery.py", "adapters.py", "pruning_config.py", "integrity.py")
 """The files saved beside the weights (this module and what it imports, by relative import)."""
 
 # Auto classes a pruned checkpoint can be loaded with, and the transformers mapping behind each.
@@ -40,27 +41,16 @@ class PrunedModelMixin:
     """Rebuilds the saved structure at construction; refuses partial loads; saves its own code."""
 
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        saved = check_config(config)  # before the skeleton is built: no number in config.json can exhaust memory
         super().__init__(config, *args, **kwargs)
-        saved = PruningConfig.from_model_config(config)
-        if saved is None:
-            raise PruningConfigError(f"{type(self).__name__} needs a `{CONFIG_KEY}` in its config")
         dense_so_far = PruningConfig(drop_layers=saved.drop_layers, num_original_layers=saved.num_original_layers)
         apply_structure(self, saved, current=dense_so_far)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
-        """Like transformers' ``from_pretrained``, but a missing weight is an error, not a random init."""
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(info.get("missing_keys", []))
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise RuntimeError(
-                f"{cls.__name__}: the checkpoint lacks {len(missing)} weight(s) the pruned structure needs "
-                f"({shown}). The `{CONFIG_KEY}` in config.json does not match the saved weights; re-save the "
-                "model with optimum-prune."
-            )
-        return (model, info) if wants_info else model
+        """Like transformers' ``from_pretrained``, but the weights must be exactly those the structure implies:
+        a missing, unexpected or misshapen tensor raises ``CheckpointIntegrityError`` (never a random init)."""
+        return checked_from_pretrained(super().from_pretrained, args, kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Saves weights and config, plus the code that ``trust_remote_code=True`` needs."""
