@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,4 +135,11 @@ class Recipe:
         return cls.from_dict(value)
 
     def stage_run(self, stage: Stage) -> RunConfig:
-        return stage.run if stage.run is not None else self.run
+        """The stage's run settings; stages sharing one checkpoint_dir each get a subdirectory of it (resumable)."""
+        run = stage.run if stage.run is not None else self.run
+        sharing = [s for s in self.stages if (s.run or self.run).checkpoint_dir == run.checkpoint_dir]
+        if run.checkpoint_dir is None or len(sharing) < 2:
+            return run
+        index = next(i for i, s in enumerate(self.stages) if s is stage)
+        own = os.path.join(str(run.checkpoint_dir), f"stage-{index + 1}-{stage.config.name}")
+        return replace(run, checkpoint_dir=own)

@@ -318,3 +318,23 @@ def test_load_recovers_an_interrupted_save_of_a_checkpoint(tmp_path, monkeypatch
         pruner = Pruner.from_pretrained(str(out), tokenizer=False)
     assert "completed it" in caplog.text
     assert torch.equal(pruner.model.lm_head.weight, second.lm_head.weight)
+
+
+def test_recipe_stages_sharing_a_checkpoint_dir_resume_the_interrupted_stage(tmp_path, monkeypatch):
+    """Each calibrated stage checkpoints into its own subdirectory, so a rerun resumes the stage that was cut."""
+    from optimum_prune.recipe import Recipe
+
+    calib = torch.randint(0, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+    recipe = {"run": {"calibration": calib, "batch_size": 2, "progress": False, "checkpoint_dir": str(tmp_path / "c")},
+              "stages": [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 4, "group_size": 16}]}
+    reference = Pruner(FAMILIES["opt"].build()).run({**recipe, "run": {**recipe["run"], "checkpoint_dir": None}})
+    interrupt_in_block(monkeypatch, 4 + 2, per_block=6)  # stage 2 (gptq), block 2
+    with pytest.raises(KeyboardInterrupt) as info:
+        Pruner(FAMILIES["opt"].build()).run(Recipe.from_dict(recipe))
+    assert info.value.checkpoint_dir == str(tmp_path / "c" / "stage-2-gptq")
+    monkeypatch.undo()
+    calls = interrupt_in_block(monkeypatch, 99, per_block=6)
+    resumed = Pruner(FAMILIES["opt"].build()).run(Recipe.from_dict(recipe))
+    assert calls["n"] == 4 * 6 + 2 * 6  # stage 1 again, then blocks 2 and 3 of stage 2
+    for (name, a), b in zip(resumed.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(a, b), name
