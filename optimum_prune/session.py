@@ -66,6 +66,9 @@ class CompressionSession:
         arguments go to transformers' ``from_pretrained`` (``revision``, ``dtype``, ``token`` ...).
         """
         model, tokenizer, base_model = load_model(name_or_path, gguf_file=gguf_file, task=task, **kwargs)
+        from .export.vocab import remember_gguf_source  # a GGUF export copies that file's tokenizer
+
+        remember_gguf_source(model, name_or_path, gguf_file)
         return cls(model, tokenizer, base_model=base_model)
 
     def spawn(self, model: PreTrainedModel) -> "CompressionSession":
@@ -249,6 +252,18 @@ class CompressionSession:
             self._write(tmp, repo_id=repo_id, **kwargs)
         logger.info("saved compressed model to %s", save_directory)
         return Path(save_directory)
+
+    def export(self, path: str | os.PathLike, format: str = "gguf", dtype: str = "f16", **kwargs: Any):
+        """Write the model for an inference engine: ``format="gguf"`` is one file llama.cpp / ollama / LM Studio run
+        (dtype f32, f16, bf16, or llama.cpp's Q8_0, Q4_K_M, ...; see docs/gguf.md). Returns a ``GGUFExport``."""
+        from .export import GGUFExportError, export_gguf
+
+        if format != "gguf":
+            raise GGUFExportError(f"unknown export format {format!r}; the one format is 'gguf'")
+        if self.records:
+            raise GGUFExportError("this model is GPTQ-quantized (packed codes); export the model before quantizing "
+                                  "and let llama.cpp quantize it: export(path, dtype='Q4_K_M')")
+        return export_gguf(self.model, path, tokenizer=self.tokenizer, dtype=dtype, **kwargs)
 
     def _check_savable(self) -> None:
         if self.records:

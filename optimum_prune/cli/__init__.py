@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval(sub)
     add_latency(sub)
+    from .export import add_export_cli
+
+    add_export_cli(sub)
 
     show = sub.add_parser("summary", help="print what was removed from a saved pruned model")
     show.add_argument("model", help="directory or Hub id of a pruned model")

@@ -264,4 +264,5 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Any] = {"apply": _apply, "prune": _method, "heal": _method, "quantize": _method, "run": _run,
-                            "eval": _eval, "latency": _latency, "summary": _summary}
+                            "eval": _eval, "latency": _latency, "summary": _summary,
+                            "export": lambda args: importlib.import_module(".export", __package__).run_export_cli(args)}
