@@ -192,3 +192,17 @@ def test_quantized_export_through_llama_cpp(tmp_path):
         pytest.skip(f"this llama-cpp-python build dies with {crash} running a Q8_0 file on this CPU")
     assert proc.returncode == 0, proc.stderr
     assert _relative(np.load(tmp_path / "logits.npy"), want) <= 5e-2
+
+
+def test_gguf_perplexity_matches_transformers(tmp_path):
+    """evaluation.gguf: the project's perplexity from llama.cpp's logits of the exported file."""
+    from optimum_prune.evaluation import perplexity
+    from optimum_prune.evaluation.gguf import gguf_perplexity
+
+    pruner = _pruned("llama-gqa", "combined")
+    windows = inputs(3, 32, seed=5)["input_ids"]
+    want = perplexity(pruner.model, input_ids=windows, progress=False)
+    path = pruner.export(tmp_path / "m.gguf", dtype="f32").path
+    got = gguf_perplexity(path, input_ids=windows, seq_len=32)
+    assert (got.num_tokens, got.num_windows) == (want.num_tokens, want.num_windows) == (93, 3)
+    assert abs(got.perplexity / want.perplexity - 1) <= 1e-4

@@ -42,6 +42,9 @@ def add_eval_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-tasks", nargs="+", default=None, metavar="TASK", help="lm-eval-harness tasks")
     p.add_argument("--lm-eval-limit", type=float, default=None, help="examples per lm-eval task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--gguf", metavar="FILE.gguf", help="instead: perplexity of this GGUF file from llama.cpp's own "
+                                                      "logits and tokenizer (with --text; --seq-len, --max-windows, "
+                                                      "--threads apply)")
     p.set_defaults(command="eval")
     return p
 
@@ -50,6 +53,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     """Run ``optimum-prune eval``: load, evaluate, print the table, write JSON; 0 on success, 2 on bad input."""
     from ..loading import load_model
 
+    if getattr(args, "gguf", None):
+        return _run_gguf_eval(args)
     try:
         text = None
         if args.text or args.dataset:
@@ -83,6 +88,23 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2, default=str)
         print(f"\nwrote {args.json_path}")
+    return 0
+
+
+def _run_gguf_eval(args: argparse.Namespace) -> int:
+    """``eval --gguf FILE --text T``: the project's perplexity protocol on llama.cpp's logits of the file."""
+    from .gguf import gguf_perplexity
+
+    if not (args.text or args.dataset):
+        print("error: --gguf needs --text (or --dataset) to compute perplexity on", file=sys.stderr)
+        return 2
+    result = gguf_perplexity(args.gguf, read_text(args.text or args.dataset, split=args.split), seq_len=args.seq_len,
+                             max_windows=args.max_windows, threads=args.threads)
+    print(f"perplexity (llama.cpp) of {args.gguf}: {result.perplexity:.4f} "
+          f"({result.num_windows} windows x {result.seq_len} tokens)")
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump({"gguf": str(args.gguf), **result.__dict__}, f, indent=2)
     return 0
 
 
