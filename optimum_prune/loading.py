@@ -62,13 +62,11 @@ def looks_like_path(name: str) -> bool:
 
 def check_local_path(name: str) -> None:
     """Finish an interrupted save at ``name``, then fail clearly when a path-like name names nothing."""
-    if not looks_like_path(name):
-        return
     from .saving import recover_interrupted_save
 
     path = os.path.expanduser(name)
-    recover_interrupted_save(path)
-    if not os.path.exists(path):
+    recover_interrupted_save(path)  # a Hub id's parent is no local directory: nothing to do
+    if looks_like_path(name) and not os.path.exists(path):
         what = "file" if name.endswith(".gguf") else "directory"
         raise ModelLoadError(f"the {what} {name} does not exist. Give a local checkpoint directory, a .gguf file, "
                              f"or an embedded name ({', '.join(EMBEDDED_MODELS)})")
