@@ -14,28 +14,16 @@ import shutil
 from typing import Any
 
 import transformers
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
-from transformers.models.auto import configuration_auto, modeling_auto
+from transformers import PretrainedConfig, PreTrainedModel
 
-from .adapters import ADAPTERS, base_model_type
+from .adapters import base_model_type
+from .configuration_pruned import PRUNED_CONFIGS, base_classes, config_class_name, pruned_config_class, register_configs
 from .integrity import check_config, checked_from_pretrained
 from .pruning_config import CONFIG_KEY, PruningConfig, PruningConfigError
 from .surgery import apply_structure
 
-PREFIX = "pruned_"
-REMOTE_CODE_FILES = ("modeling_pruned.py", "surgery.py", "adapters.py", "pruning_config.py", "integrity.py")
+REMOTE_CODE_FILES = ("modeling_pruned.py", "configuration_pruned.py", "surgery.py", "adapters.py", "pruning_config.py", "integrity.py")
 """The files saved beside the weights (this module and what it imports, by relative import)."""
-
-# Auto classes a pruned checkpoint can be loaded with, and the transformers mapping behind each.
-AUTO_CLASSES: dict[str, str] = {
-    "AutoModel": "MODEL_MAPPING_NAMES",
-    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
-}
-
 
 class PrunedModelMixin:
     """Rebuilds the saved structure at construction; refuses partial loads; saves its own code."""
@@ -67,56 +55,33 @@ def write_remote_code(directory: str | os.PathLike) -> None:
         shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
 
 
-def config_class_name(family: str) -> str:
-    return f"Pruned{_camel(family)}Config"
-
-
-def _camel(model_type: str) -> str:
-    return "".join(p[:1].upper() + p[1:] for p in model_type.split("_"))
-
-
 def auto_map_for(model_type: str) -> dict[str, str]:
     """``auto_map`` entries pointing every applicable Auto class at this module's classes."""
     family = base_model_type(model_type)
     module = REMOTE_CODE_FILES[0][: -len(".py")]
     entries = {"AutoConfig": f"{module}.{config_class_name(family)}"}
-    for auto_name, base_name in _base_classes(family).items():
+    for auto_name, base_name in base_classes(family).items():
         entries[auto_name] = f"{module}.Pruned{base_name}"
     return entries
 
 
-def _base_classes(family: str) -> dict[str, str]:
-    """Auto class name -> transformers class name, for the heads this family has."""
-    out = {}
-    for auto_name, mapping_name in AUTO_CLASSES.items():
-        class_name = getattr(modeling_auto, mapping_name).get(family)
-        if isinstance(class_name, (list, tuple)):
-            class_name = class_name[0]
-        if class_name:
-            out[auto_name] = class_name
-    return out
-
-
 def _build_classes() -> dict[str, dict[str, type]]:
-    """Create the Pruned* classes for every supported family; returns family -> {name: class}."""
+    """Create the Pruned* model classes for every supported family; returns family -> {auto name: class}.
+
+    The config class is included under its own name (``PrunedLlamaConfig``), shared with configuration_pruned.
+    """
     families: dict[str, dict[str, type]] = {}
-    for adapter in ADAPTERS:
-        for family in adapter.model_types:
-            if family not in configuration_auto.CONFIG_MAPPING_NAMES:
+    for family, config_cls in PRUNED_CONFIGS.items():
+        classes: dict[str, type] = {config_cls.__name__: config_cls}
+        for auto_name, base_name in base_classes(family).items():
+            base_cls = getattr(transformers, base_name, None)
+            if base_cls is None or not issubclass(base_cls, PreTrainedModel):
                 continue
-            base_config = configuration_auto.CONFIG_MAPPING[family]
-            config_cls = type(config_class_name(family), (base_config,),
-                              {"model_type": PREFIX + family, "__module__": __name__})
-            classes: dict[str, type] = {config_cls.__name__: config_cls}
-            for auto_name, base_name in _base_classes(family).items():
-                base_cls = getattr(transformers, base_name, None)
-                if base_cls is None or not issubclass(base_cls, PreTrainedModel):
-                    continue
-                cls = type(f"Pruned{base_name}", (PrunedModelMixin, base_cls),
-                           {"config_class": config_cls, "__module__": __name__,
-                            "__doc__": f"{base_name} with per-layer heads/neurons/sublayers from `{CONFIG_KEY}`."})
-                classes[auto_name] = cls
-            families[family] = classes
+            classes[auto_name] = type(
+                f"Pruned{base_name}", (PrunedModelMixin, base_cls),
+                {"config_class": config_cls, "__module__": __name__,
+                 "__doc__": f"{base_name} with per-layer heads/neurons/sublayers from `{CONFIG_KEY}`."})
+        families[family] = classes
     return families
 
 
@@ -124,10 +89,6 @@ PRUNED_CLASSES = _build_classes()
 for _family_classes in PRUNED_CLASSES.values():
     for _key, _cls in _family_classes.items():
         globals()[_cls.__name__] = _cls
-
-
-def pruned_config_class(family: str) -> type:
-    return PRUNED_CLASSES[family][config_class_name(family)]
 
 
 def pruned_model_class(model: PreTrainedModel) -> type:
@@ -145,14 +106,13 @@ def pruned_model_class(model: PreTrainedModel) -> type:
 
 
 def register() -> None:
-    """Register the Pruned* classes with transformers' Auto classes (idempotent)."""
+    """Register the Pruned* classes with transformers' Auto classes (idempotent; replaces stand-ins)."""
+    register_configs()
     for family, classes in PRUNED_CLASSES.items():
-        config_cls = classes[config_class_name(family)]
-        if PREFIX + family not in configuration_auto.CONFIG_MAPPING:
-            AutoConfig.register(PREFIX + family, config_cls)
+        config_cls = pruned_config_class(family)
         for auto_name, cls in classes.items():
             if not auto_name.startswith("Auto"):
                 continue
             auto_cls = getattr(transformers, auto_name)
-            if config_cls not in auto_cls._model_mapping._extra_content:
-                auto_cls.register(config_cls, cls)
+            if auto_cls._model_mapping.get(config_cls, None) is not cls:
+                auto_cls.register(config_cls, cls, exist_ok=True)
