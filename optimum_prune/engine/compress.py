@@ -11,7 +11,8 @@ from transformers.utils import logging
 
 from ..modeling.adapters import get_adapter
 from .layers import LinearGroup, get_weight, linear_groups, original_layer_indices, set_weight
-from .obs import CompressedWeight, PruneSpec, compress_weight
+from .finite import check_finite_weights
+from .obs import CompressedWeight, HessianError, PruneSpec, compress_weight
 from .quant import QuantSpec
 from .sequential import SequentialOptions, SequentialResult, run_sequential
 
@@ -112,8 +113,11 @@ class _BlockCompressor:
                 name = self.names[id(module)]
                 self._layer_of[name] = layer
                 prune, quant = self.plan.prune_spec(layer, name), self.plan.quant_spec(layer, name)
-                result = compress_weight(get_weight(module), H, prune=prune, quant=quant,
-                                         blocksize=self.plan.blocksize, percdamp=self.plan.dampening)
+                try:
+                    result = compress_weight(get_weight(module), H, prune=prune, quant=quant,
+                                             blocksize=self.plan.blocksize, percdamp=self.plan.dampening)
+                except HessianError as err:
+                    raise HessianError(f"layer {layer}, module `{name}`: {err}") from err
                 set_weight(module, result.weight)
                 self._record(module, result, quant)
                 if result.loss == result.loss:  # not NaN (Wanda / magnitude have no OBS loss)
@@ -161,6 +165,7 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor | None, plan: Compr
     step = _BlockCompressor(model, plan)
     needs = plan.needs_hessians
     if needs is None:  # magnitude pruning: no data needed
+        check_finite_weights(model)  # a NaN would survive the mask silently
         adapter = get_adapter(model)
         stats = []
         for layer, block in zip(original_layer_indices(model), adapter.layers(model)):

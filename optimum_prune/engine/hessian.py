@@ -20,9 +20,13 @@ class HessianAccumulator:
         shape = (columns,) if diagonal_only else (columns, columns)
         self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.columns = columns
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        """NaN/inf input values seen (counted on the device, read once per block by ``finite.finite_hessians``)."""
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        self.nonfinite += (~torch.isfinite(x)).sum()
         if self.diagonal_only:
             self.sum += (x * x).sum(0)
         else:

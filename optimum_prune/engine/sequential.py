@@ -27,6 +27,7 @@ from transformers.utils.logging import tqdm
 
 from ..modeling.adapters import get_adapter
 from .checkpoint import Checkpoint, run_fingerprint
+from .finite import check_finite_weights, finite_hessians
 from .hessian import capture_hessians
 from .layers import LinearGroup, linear_groups, original_layer_indices
 
@@ -132,6 +133,7 @@ def run_sequential(
     ``hessians``: "full" (SparseGPT, GPTQ), "diag" (Wanda: input norms only) or None (no statistics,
     e.g. capture of activations only). ``run_id`` identifies the settings for resuming.
     """
+    check_finite_weights(model)  # NaN/inf weights are named before any work (or checkpoint file)
     options = options or SequentialOptions()
     device = torch.device(options.device) if options.device is not None else default_device()
     store = torch.device(options.offload_device)
@@ -186,7 +188,7 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
                         kept.append(out.to(store))
                     del out
             outputs = kept if read_only else None
-            H = {kind: acc.hessian() for kind, acc in accs.items()}
+            H = finite_hessians(originals[index], groups, accs)  # NaN/inf inputs named before the solver
         stats = compress(originals[index], block, groups, H) or {}
         del H
         if outputs is None:
