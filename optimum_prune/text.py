@@ -7,12 +7,17 @@ else works offline. Tokenization happens once over the whole text, without trunc
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.utils import logging
+if TYPE_CHECKING:
+    import torch
 
-logger = logging.get_logger(__name__)
+
+def _logger() -> Any:
+    """transformers' logger, imported on first use so that the CLI parser needs neither torch nor transformers."""
+    from transformers.utils import logging
+
+    return logging.get_logger(__name__)
 
 # Short dataset names for ``read_text``: (path, config name, extra load_dataset kwargs, split aliases).
 DATASETS: dict[str, tuple[str, str | None, dict[str, Any], dict[str, str]]] = {
@@ -143,7 +148,7 @@ def _load_named_dataset(name: str, split: str) -> str:
         ) from err
 
 
-def tokenize_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> torch.Tensor:
+def tokenize_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> "torch.Tensor":
     """Token ids (1-D LongTensor) of the whole text, tokenized once and without truncation.
 
     Special tokens are what the tokenizer's default call adds to one sequence (at most one BOS at the very
@@ -158,11 +163,13 @@ def tokenize_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True)
     else:
         ids = []
         pieces = _split_lines(text, _SLOW_TOKENIZER_CHUNK)
-        logger.info("tokenizing %d characters in %d pieces (slow tokenizer)", len(text), len(pieces))
+        _logger().info("tokenizing %d characters in %d pieces (slow tokenizer)", len(text), len(pieces))
         for piece in pieces:
             ids += tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
         if add_special_tokens and hasattr(tokenizer, "build_inputs_with_special_tokens"):
             ids = tokenizer.build_inputs_with_special_tokens(ids)
+    import torch
+
     return torch.tensor(ids, dtype=torch.long)
 
 

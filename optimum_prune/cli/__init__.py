@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Sequence
 
-from ..loading import add_model_arguments
+from ..model_names import add_model_arguments
 from ..methods.base import RunConfig
 from ..methods.registry import REGISTRY
 from .commands import COMMANDS, parse_index_spec

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..loading import add_model_arguments
+from ..model_names import add_model_arguments
 
 
 def add_export_cli(subparsers: Any) -> argparse.ArgumentParser:

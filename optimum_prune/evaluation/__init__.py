@@ -11,16 +11,33 @@ ZipLM's latency tables live in ``optimum_prune.evaluation.latency_table``.
 
 from __future__ import annotations
 
-from ..text import DATASETS, DatasetUnavailableError, read_text, tokenize_text
-from .cli import add_eval_cli as add_cli, run_eval_cli as run_cli
-from .harness import lm_eval
-from .kl import ReferenceLogprobs, kl_divergence, kl_to_reference, reference_logprobs
-from .models import is_causal_lm
-from .perplexity import PerplexityResult, perplexity
-from .report import EvaluationReport, evaluate
-from .size import SizeResult, count_parameters, model_size
-from .timing import LatencyResult, measure_latency
-from .windows import text_windows
+from ..methods.lazy import lazy_exports
+
+_EXPORTS = {
+    "DATASETS": "text", "DatasetUnavailableError": "text", "read_text": "text", "tokenize_text": "text",
+    "add_cli": "evaluation.cli", "run_cli": "evaluation.cli",
+    "lm_eval": "evaluation.harness",
+    "ReferenceLogprobs": "evaluation.kl", "kl_divergence": "evaluation.kl", "kl_to_reference": "evaluation.kl",
+    "reference_logprobs": "evaluation.kl",
+    "is_causal_lm": "evaluation.models",
+    "PerplexityResult": "evaluation.perplexity", "perplexity": "evaluation.perplexity",
+    "EvaluationReport": "evaluation.report", "evaluate": "evaluation.report",
+    "SizeResult": "evaluation.size", "count_parameters": "evaluation.size", "model_size": "evaluation.size",
+    "LatencyResult": "evaluation.timing", "measure_latency": "evaluation.timing",
+    "text_windows": "evaluation.windows",
+}
+_ALIASES = {"add_cli": "add_eval_cli", "run_cli": "run_eval_cli"}
+_load = lazy_exports("optimum_prune", {name: module for name, module in _EXPORTS.items()})
+
+
+def __getattr__(name: str):
+    """Public names load on first use (the CLI parser imports this package and must stay light)."""
+    if name in _ALIASES:
+        import importlib
+
+        return getattr(importlib.import_module(f"optimum_prune.{_EXPORTS[name]}"), _ALIASES[name])
+    return _load(name)
+
 
 __all__ = [
     "DATASETS",

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..loading import add_model_arguments
+from ..model_names import add_model_arguments
 from ..text import DATASETS, DatasetUnavailableError, read_text
-from .harness import lm_eval
-from .report import evaluate
 
 # -------------------------------------------------------------------------------------------- eval
 
@@ -52,6 +50,8 @@ def add_eval_cli(subparsers: Any) -> argparse.ArgumentParser:
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Run ``optimum-prune eval``: load, evaluate, print the table, write JSON; 0 on success, 2 on bad input."""
     from ..loading import load_model
+    from .harness import lm_eval
+    from .report import evaluate
 
     if getattr(args, "gguf", None):
         return _run_gguf_eval(args)
@@ -113,8 +113,7 @@ def _run_gguf_eval(args: argparse.Namespace) -> int:
 
 def add_latency_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``latency`` subcommand on an ``argparse`` subparsers object; returns its parser."""
-    from .table import DEFAULT_MLP_LEVELS
-    from .table_cache import CACHE_ENV_VAR
+    from .defaults import CACHE_ENV_VAR, DEFAULT_MLP_LEVELS
 
     p = subparsers.add_parser("latency", help="measure (or reuse) the ZipLM latency table of a model",
                               description="Time every attention level and FFN width of one block, and the dense "

@@ -6,9 +6,10 @@ import contextlib
 import functools
 import platform
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "float16": "float16", "fp16": "float16", "half": "float16",
@@ -33,6 +34,8 @@ class InferenceEnvironment:
     """torch threads during measurement; None means torch's current count (recorded as the actual number)."""
 
     def __post_init__(self) -> None:
+        import torch
+
         if isinstance(self.dtype, torch.dtype):
             object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
         if not isinstance(self.device, (str, torch.device)):
@@ -60,11 +63,15 @@ class InferenceEnvironment:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     @property
     def torch_device(self) -> torch.device:
         """The device, with the current CUDA index filled in for a bare 'cuda'."""
+        import torch
+
         device = torch.device(self.device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -72,10 +79,14 @@ class InferenceEnvironment:
 
     def resolved(self) -> InferenceEnvironment:
         """This environment with ``threads`` set to the actual count that a measurement would use."""
+        import torch
+
         return self if self.threads is not None else replace(self, threads=torch.get_num_threads())
 
     def check_available(self) -> None:
         """Raise a ValueError naming the fix when this machine cannot run the environment."""
+        import torch
+
         device = torch.device(self.device)
         if device.type != "cuda":
             return
@@ -91,6 +102,8 @@ class InferenceEnvironment:
 
     def key(self) -> str:
         """A stable string for cache lookups: torch version, device model and every measurement setting."""
+        import torch
+
         env = self.resolved()
         device = env.torch_device
         parts = [f"torch={torch.__version__}", f"device={device.type}", f"name={_device_name(env)}"]
@@ -111,6 +124,8 @@ def _check_positive_int(name: str, value: Any, what: str) -> None:
 
 def _device_name(env: InferenceEnvironment) -> str:
     """GPU model name, or the CPU model from /proc/cpuinfo (platform fallbacks elsewhere)."""
+    import torch
+
     device = env.torch_device
     if device.type == "cuda":
         env.check_available()

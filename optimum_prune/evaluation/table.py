@@ -19,11 +19,11 @@ from transformers import PreTrainedModel
 
 from ..modeling.adapters import base_model_type, get_adapter
 from ..saving import atomic_write_text
+from .defaults import DEFAULT_MLP_LEVELS
 from .environment import InferenceEnvironment
 from .models import stock_class
 
 FORMAT_VERSION = 1
-DEFAULT_MLP_LEVELS = 16
 
 
 @dataclass

@@ -13,14 +13,13 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from ..modeling.adapters import get_adapter
+from .defaults import CACHE_ENV_VAR
 from .env_timing import TABLE_METHOD
 from .environment import InferenceEnvironment
 from .table import LatencyTable, mlp_grid, model_signature
 from .table_measure import measure_latency_table
 
 logger = logging.get_logger(__name__)
-
-CACHE_ENV_VAR = "OPTIMUM_PRUNE_CACHE"
 
 
 def default_cache_dir() -> Path:
