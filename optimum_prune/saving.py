@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -35,9 +36,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the final directory should look like any other
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        explained = explain_write_error(err, target, tmp)
+        if explained is err:
+            raise
+        raise explained from err
     backup = None
     if target.exists():  # the backup names the pid and the new content, so a killed swap can be finished
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
@@ -53,6 +57,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def explain_write_error(err: BaseException, target: Path, tmp: Path) -> BaseException:
+    """``err`` as an OSError naming ``target`` (not the temporary path) and its OS cause; else ``err`` unchanged.
+
+    Some writers hide the cause: torch.save reports a full disk as a RuntimeError (``[enforce fail ...]
+    unexpected pos``), safetensors as its own error. For those, a nearly full disk (under 16 MiB free) or
+    an unwritable directory is named instead.
+    """
+    if isinstance(err, OSError) and err.errno is not None:
+        name = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else None
+        if name is not None and not name.startswith(str(tmp)):
+            return err
+        shown = str(target) + name[len(str(tmp)):] if name is not None else str(target)
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), shown)
+    if not (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"):
+        return err  # a writer's own failure; a bad value or a bug is not blamed on the disk
+    try:
+        if shutil.disk_usage(target.parent).free < 16 << 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    except OSError:
+        return err
+    if not os.access(target.parent, os.W_OK):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+    return err
 
 
 def _gone(path: Path, name: str, *, mine: bool) -> bool:
@@ -130,9 +159,12 @@ def atomic_file(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
         yield tmp
         tmp.chmod(_file_mode())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        explained = explain_write_error(err, target, tmp)
+        if explained is err:
+            raise
+        raise explained from err
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, suffix: str = "") -> Path:

@@ -138,7 +138,8 @@ def test_full_disk_while_saving_the_output_keeps_the_old_one(tiny, monkeypatch, 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     assert main(prune_args(tiny)) == 2
     line = error_line(capsys)
-    assert "no space left on device" in line and "model.safetensors" in line
+    assert line == f"error: {tiny / 'out' / 'model.safetensors'}: no space left on device (free some space or " \
+                   "write elsewhere)"  # the output's name, not the temporary directory's
     assert (tiny / "out" / "keep.txt").read_text() == "previous"
 
 
@@ -338,3 +339,19 @@ def test_recipe_stages_sharing_a_checkpoint_dir_resume_the_interrupted_stage(tmp
     assert calls["n"] == 4 * 6 + 2 * 6  # stage 1 again, then blocks 2 and 3 of stage 2
     for (name, a), b in zip(resumed.model.state_dict().items(), reference.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_only_writer_failures_are_blamed_on_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+
+    def fails(error):
+        def write(path):
+            raise error
+        return write
+
+    with pytest.raises(ValueError, match="a bad value"):
+        saving.atomic_write(tmp_path / "f.pt", fails(ValueError("a bad value")))
+    with pytest.raises(OSError) as info:
+        saving.atomic_write(tmp_path / "f.pt", fails(RuntimeError("[enforce fail] unexpected pos 1 vs 0")))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "f.pt")
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left

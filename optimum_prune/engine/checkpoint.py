@@ -9,7 +9,6 @@ manifest raises ``CheckpointError`` saying to remove it or pick another ``checkp
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -72,36 +71,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def os_cause(err: BaseException, path: Path) -> OSError | None:
-    """The OS error behind a failed write that the writer did not report as one (torch.save's RuntimeError)."""
-    if isinstance(err, OSError) and err.errno is not None:
-        return None
-    parent = path.parent if path.parent.exists() else path.parent.parent
-    try:
-        if shutil.disk_usage(parent).free < 16 << 20:
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    except OSError:
-        return None
-    if not os.access(parent, os.W_OK):
-        return OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-    return None
-
-
-def _write(path: Path, write: Callable[[Path], None]) -> None:
-    """``atomic_write``, with a write failure that hides its OS cause re-raised as that OSError."""
-    try:
-        atomic_write(path, write)
-    except OSError as err:
-        if err.errno is None or err.filename is not None:
-            raise
-        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err  # name the file
-    except Exception as err:
-        cause = os_cause(err, path)
-        if cause is None:
-            raise
-        raise cause from err
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -210,14 +179,14 @@ class Checkpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         written = [f"block_{index:04d}.safetensors"]
-        _write(self.dir / written[0], lambda p: save_file(tensors, str(p)))
+        atomic_write(self.dir / written[0], lambda p: save_file(tensors, str(p)))
         if extra:
             extra = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
             written.append(f"block_{index:04d}.extra.safetensors")
-            _write(self.dir / written[-1], lambda p: save_file(extra, str(p)))
+            atomic_write(self.dir / written[-1], lambda p: save_file(extra, str(p)))
         activations = f"activations_{index + 1:04d}.pt"  # named by block: the manifest never names a newer file
         written.append(activations)
-        _write(self.dir / activations, lambda p: _torch_save([h.cpu() for h in hidden], p))
+        atomic_write(self.dir / activations, lambda p: _torch_save([h.cpu() for h in hidden], p))
         old = [n for n in self.files if n.startswith("activations_")]
         self.files = {n: e for n, e in self.files.items() if n not in old}
         for name in written:
@@ -225,7 +194,7 @@ class Checkpoint:
             self.files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         state = {"format": FORMAT, "version": VERSION, "fingerprint": self.run, "next_block": index + 1,
                  "activations": activations, "files": self.files, "stats": stats}
-        _write(self.state_file, lambda p: p.write_text(json.dumps(state, indent=1)))
+        atomic_write(self.state_file, lambda p: p.write_text(json.dumps(state, indent=1)))
         for name in old:
             (self.dir / name).unlink(missing_ok=True)
 
