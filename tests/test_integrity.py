@@ -24,12 +24,11 @@ from safetensors.torch import load_file, save_file
 from test_reload import run_without_plugin
 from zoo import FAMILIES, STRUCTURES, VOCAB, inputs, outputs
 
-from optimum_prune import Pruner
+from optimum_prune import Pruner, Quantizer
 from optimum_prune.engine.finite import NonFiniteError
 from optimum_prune.engine.layers import get_weight
 from optimum_prune.engine.sequential import SequentialOptions
 from optimum_prune.engine.structure.database import build_database
-from optimum_prune.modeling import integrity
 from optimum_prune.modeling.integrity import CheckpointIntegrityError, check_config
 
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -89,7 +88,7 @@ def _nothing_built():
 
 
 # ---------------------------------------------------------------------- 1. pruning_config, before allocation
-@pytest.mark.parametrize("depth", [10**10, -3, 0, 5])
+@pytest.mark.parametrize("depth", [10**10, 2**63, -3, 0, 5])
 def test_bad_depth_fails_before_anything_is_built_on_every_path(saved, tmp_path, depth):
     path = _edited(saved[0], tmp_path / "ckpt", num_original_layers=depth)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,14 +122,6 @@ def test_indices_types_and_sizes_are_checked_before_anything_is_built(saved, tmp
     assert all(w in str(err.value) for w in words), str(err.value)
     with _nothing_built(), pytest.raises(CheckpointIntegrityError):
         Pruner.from_pretrained(str(path))
-
-
-def test_validator_alone_is_bounded_for_huge_values(saved):
-    config = transformers.AutoConfig.from_pretrained(saved[0])
-    for value in (10**18, -(10**18), 2**63):
-        config.pruning_config = {**config.pruning_config, "num_original_layers": value}
-        with pytest.raises(CheckpointIntegrityError, match="num_original_layers"):
-            check_config(config)
 
 
 # ---------------------------------------------------------------------- 2. weights vs structure
@@ -244,7 +235,6 @@ def test_non_finite_weights_are_named_before_any_work(method, kwargs, tmp_path):
     run = dict(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(NonFiniteError) as err:
         if method == "gptq":
-            from optimum_prune import Quantizer
             Quantizer(model).quantize(**kwargs, **run)
         else:
             Pruner(model).prune(method, **kwargs, **run)
@@ -273,7 +263,6 @@ def test_overflowing_activations_are_named_before_the_solver(method):
     untouched = get_weight(mlp.down_proj).clone()
     with pytest.raises(NonFiniteError) as err:
         if method == "gptq":
-            from optimum_prune import Quantizer
             Quantizer(model).quantize(bits=4, group_size=16, **RUN)
         else:
             Pruner(model).prune(method, sparsity=0.5, **RUN)
@@ -405,4 +394,3 @@ def test_fuzzed_checkpoints_load_exactly_or_raise_our_error(saved, tmp_path):
           f"peak RSS +{grown / 1024:.0f} MiB")
     assert outcomes["validator"] > 100 and outcomes["load error"] > 40 and outcomes["loaded equal"] > 0
     assert grown < 500_000  # KiB
-    assert integrity.MAX_SHOWN  # the error lists stay short by construction
