@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from optimum_prune import PruningConfig, get_adapter
-from optimum_prune.modeling.adapters import get_module
+from optimum_prune.modeling.adapters import get_module, set_module
 
 VOCAB = 96
 
@@ -71,7 +71,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                                        num_attention_heads=4, intermediate_size=48, num_labels=3,
                                                        max_position_embeddings=64),
            "AutoModelForSequenceClassification", pre_ln=False, generates=False),
+    # issue 14's dense families: each one's own mechanism is switched on, and sized like the others
+    Family("granite", lambda: transformers.GraniteConfig(**_llama(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                                 attention_multiplier=0.3, logits_scaling=4.0)),
+           "AutoModelForCausalLM"),
+    Family("gemma", lambda: transformers.GemmaConfig(**_llama(head_dim=16, tie_word_embeddings=True)),
+           "AutoModelForCausalLM"),
+    Family("gemma2", lambda: transformers.Gemma2Config(**_llama(
+        head_dim=16, tie_word_embeddings=True, sliding_window=4, query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0)), "AutoModelForCausalLM"),
+    Family("gemma3_text", lambda: transformers.Gemma3TextConfig(**_llama(
+        head_dim=16, tie_word_embeddings=True, sliding_window=4, query_pre_attn_scalar=16,
+        final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"] * 2)),
+           "AutoModelForCausalLM"),
+    Family("olmo2", lambda: transformers.Olmo2Config(**_llama(eos_token_id=2)), "AutoModelForCausalLM"),
+    Family("phi3", lambda: transformers.Phi3Config(**_llama(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+           "AutoModelForCausalLM"),
+    Family("gpt_neox", lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=64, use_parallel_residual=True, attention_bias=True, bos_token_id=0, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+           "AutoModelForCausalLM"),
 ]}
+NEW_FAMILIES = ("granite", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox")
 
 # Valid for 4 query heads sharing 2 KV heads: a whole KV group, and one head from each group.
 STRUCTURES: dict[str, PruningConfig] = {
@@ -122,6 +144,11 @@ def zeroed_reference(model: nn.Module, structure: PruningConfig, *, include_drop
         for layer, heads in structure.remove_heads.items():
             cols = torch.tensor([h * hd + i for h in heads for i in range(hd)])
             _zero_inputs(get_module(layers[layer], adapter.attention_out), cols)
+            kept_q = [h for h in range(dims.num_heads) if h not in heads]
+            kept = {"q": kept_q, "k": sorted({h // dims.heads_per_group for h in kept_q})}
+            for path, part in adapter.head_norms:  # a norm over the whole projection: its statistic loses the heads
+                norm = get_module(layers[layer], path)
+                set_module(layers[layer], path, KeptChannelsNorm(norm, kept[part], hd))
         for layer, neurons in structure.remove_neurons.items():
             _zero_inputs(get_module(layers[layer], adapter.mlp_out), torch.tensor(neurons))
         gone = set(structure.drop_layers) if include_drop_layers else set()
@@ -130,6 +157,21 @@ def zeroed_reference(model: nn.Module, structure: PruningConfig, *, include_drop
         for layer in set(structure.drop_mlp) | gone:
             _zero_all(get_module(layers[layer], adapter.mlp_out))
     return ref
+
+
+class KeptChannelsNorm(nn.Module):
+    """A norm over a whole projection, computed on the kept heads' channels only (the others give zeros)."""
+
+    def __init__(self, norm: nn.Module, kept_heads: list[int], head_dim: int) -> None:
+        super().__init__()
+        self.keep = torch.tensor([h * head_dim + i for h in kept_heads for i in range(head_dim)])
+        self.norm = copy.deepcopy(norm)
+        self.norm.weight = nn.Parameter(norm.weight.data[self.keep].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[..., self.keep] = self.norm(x[..., self.keep])
+        return out
 
 
 def removed_parameter_count(model: nn.Module, structure: PruningConfig) -> int:
@@ -144,9 +186,7 @@ def removed_parameter_count(model: nn.Module, structure: PruningConfig) -> int:
             total += sum(p.numel() for p in block.parameters())
             continue
         if layer in structure.drop_attention:
-            mods = {adapter.attention, adapter.attention_out}
-            pre = adapter.attention_pre_norm(model.config)
-            mods |= {pre} if pre else set()
+            mods = {adapter.attention, adapter.attention_out, *adapter.sublayer_norms(model.config, "attention")}
             # count each module once even when one contains another
             counted = {id(p): p for m in mods for p in get_module(block, m).parameters()}
             total += sum(p.numel() for p in counted.values())
@@ -157,15 +197,15 @@ def removed_parameter_count(model: nn.Module, structure: PruningConfig) -> int:
             per_head = hd * H + (hd if q_bias else 0)
             total += len(heads) * (per_head + hd * H)  # q rows (+bias) and out-proj columns
             total += groups_gone * 2 * per_head  # k and v rows (+bias)
+            total += sum(hd * (len(heads) if part == "q" else groups_gone) for _, part in adapter.head_norms)
         if layer in structure.drop_mlp:
-            mods = {*adapter.mlp_in, adapter.mlp_out}
-            pre = adapter.mlp_pre_norm(model.config)
-            mods |= {pre} if pre else set()
+            mods = {*adapter.mlp_in, adapter.mlp_out, *adapter.sublayer_norms(model.config, "mlp")}
             total += sum(p.numel() for m in mods for p in get_module(block, m).parameters())
         elif layer in structure.remove_neurons:
             n = len(structure.remove_neurons[layer])
             for path in adapter.mlp_in:
-                total += n * (H + (1 if get_module(block, path).bias is not None else 0))
+                rows = n * adapter.fused_mlp_in.get(path, 1)
+                total += rows * (H + (1 if get_module(block, path).bias is not None else 0))
             total += n * H
     return total
 

@@ -2,88 +2,24 @@
 
 Surgery and every algorithm talk to a model through ``ArchitectureAdapter`` (blocks, attention
 projections grouped by head, FFN projections grouped by neuron, norms, attribute names), so none of
-them branches on the model family. Copied beside the weights for ``trust_remote_code`` loading, so it
-imports only torch and transformers.
+them branches on the model family. The types live in ``adapter_base.py``; this module holds one entry
+per family. Copied beside the weights for ``trust_remote_code`` loading, so it imports only torch and
+transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
-from .pruning_config import ModelDims, PruningConfigError
+from .adapter_base import (ArchitectureAdapter, LayerConfig, ModelDims, Projection, UnsupportedArchitectureError,
+                           get_module, head_channels, set_module)
+from .pruning_config import PruningConfigError
 
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's family has no adapter."""
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A Linear/Conv1D whose output concatenates per-head slices, in the order of ``parts``.
-
-    ``parts`` holds "q", "k" or "v": Llama's q_proj is ("q",); GPT-2's fused c_attn is ("q", "k", "v").
-    """
-
-    path: str
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ArchitectureAdapter:
-    """Where one family keeps its prunable structures (paths are relative to one block)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    layers_path: str
-    """Path of the block list, relative to ``model.base_model``."""
-    attention: str
-    """The attention core; replaced by a pass-through when the attention sublayer is dropped."""
-    attention_in: tuple[Projection, ...]
-    attention_out: str
-    """Projection whose INPUT columns are grouped by head (o_proj / out_proj / c_proj / output.dense)."""
-    mlp_in: tuple[str, ...]
-    """Projections whose OUTPUT rows are FFN neurons."""
-    mlp_out: str
-    """Projection whose INPUT columns are FFN neurons."""
-    attention_pre_norm: Callable[[Any], str | None] = lambda config: None
-    """Norm that only feeds the attention (pre-LN models); removed with the attention."""
-    mlp_pre_norm: Callable[[Any], str | None] = lambda config: None
-    head_attributes: dict[str, str] = field(default_factory=dict)
-    """Attributes of the attention core recomputed after head removal: name -> one of
-    "heads", "kv_heads", "groups" (query heads per KV head), "width" (heads * head_dim)."""
-    intermediate_size: Callable[[Any], int] = lambda config: config.intermediate_size
-    num_kv_heads: Callable[[Any], int] = lambda config: config.num_attention_heads
-    layer_types_key: str | None = None
-    """Config list with one entry per layer, sliced when blocks are dropped."""
-    check_structure: Callable[[Any, Any], None] | None = None
-    """Family-specific limits, called with (config, PruningConfig) before any weight is touched."""
-
-    # ------------------------------------------------------------------ dimensions
-    def dims(self, config: Any, num_layers: int | None = None) -> ModelDims:
-        """Dense dimensions from the (unpruned-valued) config; ``num_layers`` overrides the depth."""
-        num_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        return ModelDims(
-            num_layers=config.num_hidden_layers if num_layers is None else num_layers,
-            num_heads=num_heads,
-            num_kv_heads=self.num_kv_heads(config),
-            head_dim=head_dim,
-            hidden_size=config.hidden_size,
-            intermediate_size=self.intermediate_size(config),
-        )
-
-    # ------------------------------------------------------------------ access
-    def layers(self, model: nn.Module) -> nn.ModuleList:
-        return get_module(model.base_model, self.layers_path)
-
-    def attention_core(self, block: nn.Module) -> nn.Module:
-        return get_module(block, self.attention)
-
-    def mlp_linears(self, block: nn.Module) -> tuple[list[nn.Module], nn.Module]:
-        return [get_module(block, p) for p in self.mlp_in], get_module(block, self.mlp_out)
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "LayerConfig", "ModelDims", "Projection",
+           "UnsupportedArchitectureError", "base_model_type", "get_adapter", "get_module", "head_channels",
+           "set_module"]
 
 
 def _llama_kv(config: Any) -> int:
@@ -104,20 +40,29 @@ def _gpt2_check(config: Any, structure: Any) -> None:
         )
 
 
+def _named(name: str) -> Callable[[Any], str]:
+    return lambda config: name
+
+
+_QKV = (Projection("self_attn.q_proj", ("q",)), Projection("self_attn.k_proj", ("k",)),
+        Projection("self_attn.v_proj", ("v",)))
 _LLAMA_STYLE = dict(
     layers_path="layers",
     attention="self_attn",
-    attention_in=(Projection("self_attn.q_proj", ("q",)), Projection("self_attn.k_proj", ("k",)),
-                  Projection("self_attn.v_proj", ("v",))),
+    attention_in=_QKV,
     attention_out="self_attn.o_proj",
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     mlp_out="mlp.down_proj",
-    attention_pre_norm=lambda config: "input_layernorm",
-    mlp_pre_norm=lambda config: "post_attention_layernorm",
+    attention_pre_norm=_named("input_layernorm"),
+    mlp_pre_norm=_named("post_attention_layernorm"),
     head_attributes={"num_key_value_groups": "groups", "num_heads": "heads", "num_key_value_heads": "kv_heads"},
     num_kv_heads=_llama_kv,
     layer_types_key="layer_types",
 )
+# Gemma 2 / 3: a norm before and after each sublayer ("post_attention_layernorm" is the attention's post-norm).
+_SANDWICH = dict(_LLAMA_STYLE, mlp_pre_norm=_named("pre_feedforward_layernorm"),
+                 attention_post_norm=_named("post_attention_layernorm"),
+                 mlp_post_norm=_named("post_feedforward_layernorm"))
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter(name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_STYLE),
@@ -145,8 +90,8 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         attention_out="attn.c_proj",
         mlp_in=("mlp.c_fc",),
         mlp_out="mlp.c_proj",
-        attention_pre_norm=lambda config: "ln_1",
-        mlp_pre_norm=lambda config: "ln_2",
+        attention_pre_norm=_named("ln_1"),
+        mlp_pre_norm=_named("ln_2"),
         head_attributes={"num_heads": "heads", "split_size": "width"},
         intermediate_size=lambda config: config.n_inner or 4 * config.hidden_size,
         check_structure=_gpt2_check,
@@ -163,9 +108,49 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         mlp_out="output.dense",
         head_attributes={"num_attention_heads": "heads", "all_head_size": "width"},
     ),
+    # Llama-shaped: Granite's multipliers scale whole sublayer outputs; Gemma's norms are (1 + w) RMSNorms.
+    ArchitectureAdapter(name="granite", model_types=("granite",), **_LLAMA_STYLE),
+    ArchitectureAdapter(name="gemma", model_types=("gemma",), **_LLAMA_STYLE),
+    ArchitectureAdapter(name="gemma2", model_types=("gemma2", "gemma3_text"), **_SANDWICH),
+    ArchitectureAdapter(
+        name="olmo2",
+        model_types=("olmo2",),
+        **dict(_LLAMA_STYLE, attention_pre_norm=lambda config: None, mlp_pre_norm=lambda config: None,
+               attention_post_norm=_named("post_attention_layernorm"),
+               mlp_post_norm=_named("post_feedforward_layernorm"),
+               head_norms=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "k"))),
+    ),
+    ArchitectureAdapter(
+        name="phi3",
+        model_types=("phi3",),
+        **dict(_LLAMA_STYLE, attention_in=(Projection("self_attn.qkv_proj", ("q", "k", "v")),),
+               mlp_in=("mlp.gate_up_proj",), fused_mlp_in={"mlp.gate_up_proj": 2},
+               head_config_attributes={"num_attention_heads": "heads", "num_key_value_heads": "kv_heads"}),
+    ),
+    ArchitectureAdapter(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        layers_path="layers",
+        attention="attention",
+        attention_in=(Projection("attention.query_key_value", ("q", "k", "v"), interleaved=True),),
+        attention_out="attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        attention_pre_norm=_named("input_layernorm"),
+        mlp_pre_norm=_named("post_attention_layernorm"),  # parallel residual: it feeds only the MLP
+    ),
 )
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
+
+_MOE = "Mixture-of-Experts blocks (removing experts, and FFN neurons inside each expert) are not supported yet"
+MISSING: dict[str, str] = {
+    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "granitemoeshared",
+                         "deepseek_v2", "deepseek_v3", "gpt_oss", "dbrx", "jamba")},
+    "gemma3": "this is the multimodal Gemma 3; its language model (model_type gemma3_text, Gemma3ForCausalLM) is "
+              "supported: load that alone",
+}
+"""What a known but unsupported family lacks, for the error message."""
 
 
 def base_model_type(model_type: str) -> str:
@@ -174,7 +159,7 @@ def base_model_type(model_type: str) -> str:
 
 
 def get_adapter(config_or_model: Any) -> ArchitectureAdapter:
-    """The adapter for a model or config; an unsupported family names the supported ones."""
+    """The adapter for a model or config; an unsupported family names the supported ones and what it lacks."""
     config = getattr(config_or_model, "config", config_or_model)
     model_type = base_model_type(getattr(config, "model_type", "") or "")
     for adapter in ADAPTERS:
@@ -184,21 +169,11 @@ def get_adapter(config_or_model: Any) -> ArchitectureAdapter:
         arch = type(config_or_model).__name__
     else:
         arch = (getattr(config, "architectures", None) or [model_type or type(config).__name__])[0]
+    missing = MISSING.get(model_type, "no architecture adapter says where this family keeps its blocks, its "
+                                      "attention projections (grouped by head) and its FFN projections (grouped by "
+                                      "neuron)")
     raise UnsupportedArchitectureError(
-        f"optimum-prune does not support the architecture {arch!r} (model_type {model_type!r}). "
+        f"optimum-prune does not support the architecture {arch!r} (model_type {model_type!r}): {missing}. "
         f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. "
         "Llama-style models (SmolLM, Mistral, Qwen2/3) are supported through their standard transformers classes."
     )
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = get_module(root, parent_path) if parent_path else root
-    setattr(parent, name, new)

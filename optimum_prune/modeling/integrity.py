@@ -182,9 +182,9 @@ Place = tuple[int, "int | None", "str | None"]
 
 def _locator(adapter: ArchitectureAdapter, config: Any, kept: list[int]) -> Callable[[str], Place | None]:
     pattern = re.compile(r"(?:^|\.)" + re.escape(adapter.layers_path) + r"\.(\d+)\.(.+)$")
-    attention = [adapter.attention, adapter.attention_out, adapter.attention_pre_norm(config),
+    attention = [adapter.attention, adapter.attention_out, *adapter.sublayer_norms(config, "attention"),
                  *(p.path for p in adapter.attention_in)]
-    mlp = [*adapter.mlp_in, adapter.mlp_out, adapter.mlp_pre_norm(config)]
+    mlp = [*adapter.mlp_in, adapter.mlp_out, *adapter.sublayer_norms(config, "mlp")]
 
     def under(rel: str, paths: list[str | None]) -> bool:
         return any(p and (rel == p or rel.startswith(p + ".")) for p in paths)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import ArchitectureAdapter, get_adapter, get_module, set_module
+from .adapters import ArchitectureAdapter, get_adapter, get_module, head_channels, set_module
 from .pruning_config import PruningConfig, PruningConfigError
 
 
@@ -32,9 +32,10 @@ class DroppedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         if hidden_states is None:
             hidden_states = kwargs["hidden_states"]
-        # transformers >= 5.24 passes the cache as `cache`; earlier 5.x releases as `past_key_values`.
-        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
-                     None)
+        # transformers >= 5.24 passes the cache as `cache`; earlier 5.x releases as `past_key_values`; GPT-NeoX as
+        # `layer_past`.
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value", "layer_past")
+                      if kwargs.get(k) is not None), None)
         if cache is not None and self.layer_idx is not None:
             cache = getattr(cache, "self_attention_cache", cache)
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[-2], 1)
@@ -94,6 +95,15 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
     _replace_param(module, "weight", module.weight.data.index_select(dim, keep.to(module.weight.device)))
     if not isinstance(module, Conv1D):
         module.in_features = len(keep)
+
+
+def keep_norm(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the channels ``keep`` of a norm over a projection's output (weight, bias, recorded size)."""
+    for name in ("weight", "bias"):
+        if getattr(module, name, None) is not None:
+            _replace_param(module, name, getattr(module, name).data.index_select(0, keep.to(module.weight.device)))
+    if isinstance(getattr(module, "normalized_shape", None), tuple):
+        module.normalized_shape = (len(keep),)
 
 
 def _replace_param(module: nn.Module, name: str, data: torch.Tensor) -> None:
@@ -166,9 +176,8 @@ def _apply_attention(adapter: ArchitectureAdapter, config: Any, block: nn.Module
                                                               hidden if out_inside else 0))
         if not out_inside:
             set_module(block, adapter.attention_out, ZeroProjection(hidden))
-        pre_norm = adapter.attention_pre_norm(config)
-        if pre_norm:
-            set_module(block, pre_norm, nn.Identity())
+        for norm in adapter.sublayer_norms(config, "attention"):
+            set_module(block, norm, nn.Identity())
         return
     have = set(current.remove_heads.get(orig, []))
     want = set(target.remove_heads.get(orig, []))
@@ -180,30 +189,16 @@ def _apply_attention(adapter: ArchitectureAdapter, config: Any, block: nn.Module
     kept_g_before = sorted({h // r for h in kept_q_before})
     kept_g_after = sorted({h // r for h in kept_q_after})
     hd = dims.head_dim
-    q_keep = _head_channels([kept_q_before.index(h) for h in kept_q_after], hd)
-    kv_keep = _head_channels([kept_g_before.index(g) for g in kept_g_after], hd)
-    sizes = {"q": len(kept_q_before) * hd, "k": len(kept_g_before) * hd, "v": len(kept_g_before) * hd}
+    q_pos = [kept_q_before.index(h) for h in kept_q_after]
+    g_pos = [kept_g_before.index(g) for g in kept_g_after]
     for proj in adapter.attention_in:
-        module = get_module(block, proj.path)
-        pieces, offset = [], 0
-        for part in proj.parts:
-            keep = q_keep if part == "q" else kv_keep
-            pieces.append(keep + offset)
-            offset += sizes[part]
-        keep_outputs(module, torch.cat(pieces))
+        keep_outputs(get_module(block, proj.path), proj.rows(q_pos, g_pos, len(kept_q_before), len(kept_g_before), hd))
+    q_keep = head_channels(q_pos, hd)
     keep_inputs(get_module(block, adapter.attention_out), q_keep)
+    for path, part in adapter.head_norms:
+        keep_norm(get_module(block, path), q_keep if part == "q" else head_channels(g_pos, hd))
     n_q, n_kv = len(kept_q_after), len(kept_g_after)
-    values = {"heads": n_q, "kv_heads": n_kv, "groups": n_q // n_kv, "width": n_q * hd}
-    for attr, kind in adapter.head_attributes.items():
-        if hasattr(core, attr):
-            setattr(core, attr, values[kind])
-
-
-def _head_channels(head_positions: list[int], head_dim: int) -> torch.Tensor:
-    if not head_positions:
-        return torch.zeros(0, dtype=torch.long)
-    pos = torch.tensor(head_positions, dtype=torch.long)
-    return (pos[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    adapter.set_head_counts(core, {"heads": n_q, "kv_heads": n_kv, "groups": n_q // n_kv, "width": n_q * hd})
 
 
 def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig: int,
@@ -215,9 +210,8 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
         for path in adapter.mlp_in:
             set_module(block, path, EmptyProjection())
         set_module(block, adapter.mlp_out, ZeroProjection(hidden))
-        pre_norm = adapter.mlp_pre_norm(config)
-        if pre_norm:
-            set_module(block, pre_norm, nn.Identity())
+        for norm in adapter.sublayer_norms(config, "mlp"):
+            set_module(block, norm, nn.Identity())
         return
     have = set(current.remove_neurons.get(orig, []))
     want = set(target.remove_neurons.get(orig, []))
@@ -226,9 +220,9 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
     kept_before = [i for i in range(dims.intermediate_size) if i not in have]
     position = {n: p for p, n in enumerate(kept_before)}
     keep = torch.tensor([position[n] for n in kept_before if n not in want], dtype=torch.long)
-    ins, out = adapter.mlp_linears(block)
-    for module in ins:
-        keep_outputs(module, keep)
+    out = get_module(block, adapter.mlp_out)
+    for path in adapter.mlp_in:
+        keep_outputs(get_module(block, path), adapter.neuron_rows(path, keep, len(kept_before)))
     keep_inputs(out, keep)
 
 

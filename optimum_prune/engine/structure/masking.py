@@ -20,26 +20,21 @@ def structure_masks(model: nn.Module, structure: PruningConfig) -> Masks:
     for layer, block in enumerate(adapter.layers(model)):
         heads = set(range(dims.num_heads)) if layer in structure.drop_attention else set(structure.remove_heads.get(layer, []))
         if heads:
-            kept_groups = {h // r for h in range(dims.num_heads) if h not in heads}
-            groups = [g for g in range(dims.num_kv_heads) if g not in kept_groups]
-            rows = {"q": _channels(sorted(heads), hd), "k": _channels(groups, hd), "v": _channels(groups, hd)}
-            sizes = {"q": dims.num_heads * hd, "k": dims.num_kv_heads * hd, "v": dims.num_kv_heads * hd}
+            kept_q = [h for h in range(dims.num_heads) if h not in heads]
+            kept_g = sorted({h // r for h in kept_q})
             for proj in adapter.attention_in:
-                offset, drop = 0, []
-                for part in proj.parts:
-                    drop.append(rows[part] + offset)
-                    offset += sizes[part]
-                _mask_rows(get_module(block, proj.path), torch.cat(drop), masks)
+                module = get_module(block, proj.path)
+                kept = proj.rows(kept_q, kept_g, dims.num_heads, dims.num_kv_heads, hd)
+                _mask_rows(module, _complement(kept, _out_features(module)), masks)
             out = get_module(block, adapter.attention_out)
             _mask_columns(out, _channels(sorted(heads), hd), masks, bias=layer in structure.drop_attention)
         neurons = list(range(dims.intermediate_size)) if layer in structure.drop_mlp else \
             structure.remove_neurons.get(layer, [])
         if neurons:
-            ins, out = adapter.mlp_linears(block)
             idx = torch.tensor(sorted(neurons), dtype=torch.long)
-            for module in ins:
-                _mask_rows(module, idx, masks)
-            _mask_columns(out, idx, masks, bias=layer in structure.drop_mlp)
+            for path in adapter.mlp_in:
+                _mask_rows(get_module(block, path), adapter.neuron_rows(path, idx, dims.intermediate_size), masks)
+            _mask_columns(get_module(block, adapter.mlp_out), idx, masks, bias=layer in structure.drop_mlp)
     return masks
 
 
@@ -48,6 +43,16 @@ def _channels(units: list[int], width: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     pos = torch.tensor(units, dtype=torch.long)
     return (pos[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+
+
+def _complement(kept: torch.Tensor, total: int) -> torch.Tensor:
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[kept] = True
+    return (~keep).nonzero().flatten()
 
 
 def _mask_rows(module: nn.Module, rows: torch.Tensor, masks: Masks) -> None:
