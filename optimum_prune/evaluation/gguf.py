@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..text import read_text
-from .perplexity import PerplexityResult
-from .windows import text_windows
+from .ppl import PerplexityResult
+from .windows import _as_text, text_windows
 
 
 def gguf_token_ids(llm: Any, text: str) -> list[int]:
@@ -38,7 +37,7 @@ def gguf_perplexity(path: str | os.PathLike, text: Any = None, *, input_ids: Any
     llm = llama_cpp.Llama(str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
                           verbose=False, n_threads=threads)
     try:
-        ids = torch.as_tensor(gguf_token_ids(llm, read_text(text)) if input_ids is None else input_ids)
+        ids = torch.as_tensor(gguf_token_ids(llm, _as_text(text)) if input_ids is None else input_ids)
         windows = text_windows(ids, seq_len, max_windows) if ids.dim() == 1 else ids
         nll, count = 0.0, 0
         for window in windows.tolist():
