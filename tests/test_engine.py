@@ -181,7 +181,7 @@ def test_gptq_8bit_is_within_1e2_of_dense(family):
     expected = output(model)
     q = Quantizer(model)
     q.quantize(bits=8, group_size=16, **RUN)
-    assert rel_err(output(model), expected) < 1e-2
+    assert rel_err(output(model), expected) < FAMILIES[family].gptq_8bit_rel_err  # 1e-2 unless post-norm
     assert q.pruning_config.layer_bits == {str(i): 8 for i in range(4)}
 
 

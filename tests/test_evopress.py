@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from zoo import FAMILIES, VOCAB
+from zoo import FAMILIES, NEW_FAMILIES, VOCAB
 
 from optimum_prune.methods.evopress.search import (EvoPressSettings, dropped_sublayers, evolve, search_depth, swap_mutation)
 from optimum_prune.modeling.pruning_config import PruningConfig
@@ -70,7 +70,7 @@ def test_fresh_windows_draw_minibatches_and_rescore_the_parent_on_them():
     assert again.state == result.state and again.fitness == result.fitness  # seeded
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "opt", "bert"])
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "bert", *NEW_FAMILIES])
 def test_temporary_drops_match_surgery_and_are_undone(family):
     model = FAMILIES[family].build()
     dense = outputs(model)

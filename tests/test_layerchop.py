@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import transformers
-from zoo import FAMILIES, TEXT, VOCAB, Family, _llama, char_tokenizer
+from zoo import FAMILIES, NEW_FAMILIES, TEXT, VOCAB, Family, _llama, char_tokenizer
 
 from optimum_prune import Pruner, PruningConfig, PruningConfigError
 from optimum_prune.engine.importance import angular_distance, block_influence
@@ -43,7 +43,7 @@ def prune(family: Family, num_layers: int, strategy: str, **kwargs) -> Pruner:
 
 # ------------------------------------------------------------------------------ choosing and removing blocks
 @pytest.mark.parametrize("strategy", ["last", "angular", "block_influence"])
-@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2", "bert"])
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2", "bert", *NEW_FAMILIES])
 def test_each_strategy_drops_n_layers_and_reloads_with_identical_logits(family, strategy, tmp_path):
     pruner = prune(FAMILIES[family], 2, strategy)
     config = pruner.pruning_config
