@@ -20,7 +20,7 @@ _EXPORTS = {
     "ReferenceLogprobs": "evaluation.kl", "kl_divergence": "evaluation.kl", "kl_to_reference": "evaluation.kl",
     "reference_logprobs": "evaluation.kl",
     "is_causal_lm": "evaluation.models",
-    "PerplexityResult": "evaluation.perplexity", "perplexity": "evaluation.perplexity",
+    "PerplexityResult": "evaluation.ppl", "perplexity": "evaluation.ppl",
     "EvaluationReport": "evaluation.report", "evaluate": "evaluation.report",
     "SizeResult": "evaluation.size", "count_parameters": "evaluation.size", "model_size": "evaluation.size",
     "LatencyResult": "evaluation.timing", "measure_latency": "evaluation.timing",
