@@ -4,3 +4,35 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---------------------------------------------------------------------- support matrix (bench/support_matrix.py)
+# With OPTIMUM_PRUNE_TEST_RESULTS=<file>, every test's outcome is written there as JSON: its function, its
+# `family` parameter, and (for tests that cover several families in one process) a per-family outcome
+# recorded with `record_property("family_outcomes", {...})`. Nothing changes when the variable is unset.
+_RESULTS: list[dict] = []
+
+
+def pytest_runtest_setup(item):
+    if os.environ.get("OPTIMUM_PRUNE_TEST_RESULTS"):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        item.user_properties.append(("family", params.get("family")))
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("OPTIMUM_PRUNE_TEST_RESULTS"):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        properties = dict(report.user_properties)
+        _RESULTS.append({"nodeid": report.nodeid, "test": report.nodeid.split("::")[-1].split("[")[0],
+                         "outcome": report.outcome, "family": properties.get("family"),
+                         "family_outcomes": properties.get("family_outcomes")})
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("OPTIMUM_PRUNE_TEST_RESULTS")
+    if path:
+        import json
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_RESULTS, f, indent=1)

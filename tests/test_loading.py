@@ -55,6 +55,17 @@ def test_unsupported_architecture_lists_the_supported_ones():
         Pruner(model)
 
 
+def test_unsupported_family_says_what_it_lacks():
+    config = transformers.MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'mixtral'\): Mixture-of-Experts .* not supported yet\. "
+                                                          r"Supported model types: .*gemma3_text, olmo2, phi3, gpt_neox"):
+        Pruner(transformers.MixtralForCausalLM(config))
+    with pytest.raises(UnsupportedArchitectureError, match="no architecture adapter says where this family keeps"):
+        Pruner(transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)))
+
+
 def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
     config = transformers.T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
     config.save_pretrained(tmp_path)  # no weights at all: the error must come from the config alone

@@ -62,28 +62,35 @@ def test_reload_with_plugin_and_plain_auto_class(family, structure, tmp_path):
     torch.testing.assert_close(outputs(again, batch), expected, atol=1e-5, rtol=0)
 
 
-def test_reload_with_trust_remote_code_without_the_plugin(tmp_path):
+def test_reload_with_trust_remote_code_without_the_plugin(tmp_path, record_property):
     cases = []
     for family in FAMILIES:
         for structure in ("heads", "neurons", "drop_attention", "drop_mlp", "mixed"):
             path = tmp_path / f"{family}-{structure}"
             expected, batch = _save_pruned(family, structure, path)
             torch.save({"expected": expected, "batch": batch}, path / "reference.pt")
-            cases.append((str(path), FAMILIES[family].auto_class))
+            cases.append((str(path), FAMILIES[family].auto_class, family))
+    # one process for every case (a process per family would cost seconds each); each case reports on its own line
     out = run_without_plugin(f"""
         import torch, transformers
-        for path, auto in {cases!r}:
-            ref = torch.load(path + "/reference.pt")
-            model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True).eval()
-            assert type(model).__module__.startswith("transformers_modules"), type(model)
-            with torch.no_grad():
-                out = model(**ref["batch"])
-            got = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-            diff = (got - ref["expected"]).abs().max().item()
-            assert diff <= 1e-5, (path, diff)
-            print("ok", path)
+        for path, auto, family in {cases!r}:
+            try:
+                ref = torch.load(path + "/reference.pt")
+                model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True).eval()
+                assert type(model).__module__.startswith("transformers_modules"), type(model)
+                with torch.no_grad():
+                    out = model(**ref["batch"])
+                got = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+                diff = (got - ref["expected"]).abs().max().item()
+                assert diff <= 1e-5, (path, diff)
+                print("ok", family, path)
+            except Exception as err:
+                print("FAILED", family, path, repr(err)[:300])
     """)
-    assert out.count("ok ") == len(cases)
+    lines = [line.split(" ", 2) for line in out.splitlines() if line.startswith(("ok ", "FAILED "))]
+    failed = {family for status, family, _ in lines if status == "FAILED"}
+    record_property("family_outcomes", {f: "failed" if f in failed else "passed" for f in FAMILIES})
+    assert sum(1 for status, _, _ in lines if status == "ok") == len(cases), out
 
 
 def test_without_plugin_and_without_trust_remote_code_is_a_clear_error(tmp_path):
