@@ -22,6 +22,9 @@ _EXPORTS = {
     "get_adapter": "modeling.adapters",
     "PruningConfig": "modeling.pruning_config",
     "PruningConfigError": "modeling.pruning_config",
+    "CheckpointIntegrityError": "modeling.integrity",
+    "CheckpointError": "engine.checkpoint",
+    "NonFiniteError": "engine.finite",
     "get_calibration_data": "calibration",
     "ModelLoadError": "loading",
     "REGISTRY": "methods",
@@ -63,6 +66,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from .methods.sparsity.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
     from .methods.ziplm.config import FinetuneConfig, ZipLMConfig
     from .modeling.adapters import SUPPORTED_MODEL_TYPES, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
+    from .engine.checkpoint import CheckpointError
+    from .engine.finite import NonFiniteError
+    from .modeling.integrity import CheckpointIntegrityError
     from .modeling.pruning_config import PruningConfig, PruningConfigError
     from .pruner import Pruner
     from .quantizer import Quantizer

@@ -85,7 +85,7 @@ class CompressionSession:
         if self.records:
             raise RuntimeError("this model is already quantized; start from the dense model (quantization is the "
                                "last step)")
-        run = run or RunConfig()
+        run = config.run_settings(run or RunConfig())
         result = spec.run(self, config, run)
         self._record_stage(config, run if spec.calibrated else None, result)
         return result

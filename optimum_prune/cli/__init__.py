@@ -11,6 +11,7 @@ from ..model_names import add_model_arguments
 from ..methods.base import RunConfig
 from ..methods.registry import REGISTRY
 from .commands import COMMANDS, parse_index_spec
+from .compare import add_compare_arguments
 from .flags import FlagSet
 
 __all__ = ["build_parser", "main", "parse_index_spec"]
@@ -23,8 +24,9 @@ def model_args(p: argparse.ArgumentParser, *, output: bool = True, eval_text: bo
         p.add_argument("--output", required=True, help="directory for the compressed checkpoint")
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
     if eval_text:
-        p.add_argument("--eval-text", help="text file: print the perplexity after compression "
-                                           "(e.g. wikitext-2/test.txt)")
+        p.add_argument("--eval-text", help="text file: print the perplexity before and after compression "
+                                           "(e.g. ../shared/data/wikitext-2/test.txt)")
+        add_compare_arguments(p)
 
 
 def _method_command(sub, kind: str, help_text: str, default_help: str) -> argparse.ArgumentParser:
@@ -35,7 +37,8 @@ def _method_command(sub, kind: str, help_text: str, default_help: str) -> argpar
     names = [s.keyword or s.name for s in specs]
     if len(specs) > 1:
         parser.add_argument("--method", choices=names, help=default_help)
-    reserved = {"--model", "--gguf-file", "--task", "--output", "--push-to-hub", "--eval-text", "--method"}
+    reserved = {"--model", "--gguf-file", "--task", "--output", "--push-to-hub", "--eval-text", "--method",
+                "--eval-windows", "--prompt", "--max-new-tokens"}
     if any(s.calibrated for s in specs):  # the shared run flags keep their plain names (--seed is RunConfig's)
         reserved |= {f"--{f.name.replace('_', '-')}" for f in fields(RunConfig)}
     flags = FlagSet(parser, reserved)

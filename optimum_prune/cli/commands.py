@@ -59,19 +59,22 @@ def _describe(spec, session, config) -> None:
         print(describe(session, config))
 
 
-def _finish(session, args: argparse.Namespace, start: float) -> int:
+def _finish(session, args: argparse.Namespace, start: float, before=None) -> int:
+    """Print the result (metrics, the before/after figures), save, say how to reload, push."""
+    from .compare import measure, reload_hint, render
+
     config = session.pruning_config
     if config.layer_sparsity and len(set(config.layer_sparsity.values())) > 1:
         print("sparsity per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in config.layer_sparsity.items()))
     for key, value in (config.metrics or {}).items():
         print(f"{key}: {value}")
-    if getattr(args, "eval_text", None):
-        from ..evaluation import perplexity
-
-        ppl = perplexity(session.model, session.tokenizer, args.eval_text).perplexity
-        print(f"perplexity on {args.eval_text}: {ppl:.3f}")
+    if before is not None:
+        figures = render(before, measure(session, args), args)
+        if figures:
+            print(figures)
     out = session.save_pretrained(args.output)
     print(f"saved to {out} ({time.perf_counter() - start:.1f} s)")
+    print(reload_hint(out, _auto_class_name(session.model)))
     if args.push_to_hub:
         info = session.push_to_hub(args.push_to_hub)
         print(f"pushed to {getattr(info, 'commit_url', args.push_to_hub)}")
@@ -139,6 +142,9 @@ def _method(args: argparse.Namespace) -> int:
         problem = packing_problem(session.model, symmetric=getattr(config, "symmetric", True))
         if problem:
             raise ValueError(problem)
+    from .compare import measure
+
+    before = measure(session, args)
     result = session.run_method(config, run)
     _describe(spec, session, config)
     if kind == "quantize":
@@ -146,19 +152,25 @@ def _method(args: argparse.Namespace) -> int:
     from ..methods.ziplm.family import ZipLMFamily
 
     if isinstance(result, ZipLMFamily):
-        return _family(result, args, start)
-    return _finish(session, args, start)
+        return _family(result, args, start, before)
+    return _finish(session, args, start, before)
 
 
-def _family(family, args: argparse.Namespace, start: float) -> int:
+def _auto_class_name(model) -> str:
+    from ..loading import TASKS, task_of_model
+
+    return TASKS[task_of_model(model)][0]
+
+
+def _family(family, args: argparse.Namespace, start: float, before=None) -> int:
     """Several ZipLM targets: one checkpoint per target under OUTPUT/<target>x."""
-    print(family.to_markdown())
-    if args.eval_text:
-        from ..evaluation import perplexity
+    from .compare import measure, render
 
-        for target, member in family.items():
-            ppl = perplexity(member.model, member.tokenizer, args.eval_text, progress=False).perplexity
-            print(f"{target:g}x: perplexity on {args.eval_text}: {ppl:.3f}")
+    print(family.to_markdown())
+    for target, member in family.items():
+        figures = render(before, measure(member, args), args) if before is not None else ""
+        if figures:
+            print(f"{target:g}x: " + figures)
     paths = family.save_pretrained(args.output)
     print("saved " + ", ".join(str(p) for p in paths.values()) + f" ({time.perf_counter() - start:.1f} s)")
     if args.push_to_hub:
@@ -182,8 +194,11 @@ def _run(args: argparse.Namespace) -> int:
     _check_push(args)
     start = time.perf_counter()
     session = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+    from .compare import measure
+
+    before = measure(session, args)
     session.run(recipe)
-    return _finish(session, args, start)
+    return _finish(session, args, start, before)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -25,10 +25,12 @@ from .table_measure import MIN_MS, BusyMachineError, measure_latency_table, mono
 
 
 def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_table: Any = None, *,
-                          device: Any = None, progress: bool = True, remeasure: bool = False) -> LatencyTable:
+                          device: Any = None, progress: bool = True, remeasure: bool = False,
+                          mlp_levels: int | None = None, repeats: int = 10) -> LatencyTable:
     """The table a speedup target refers to: ``latency_table`` (a table, its dict or its JSON file, checked against
     the model), else one measured (or read from the cache) in ``latency`` (an environment or its fields; unset
-    device and dtype follow ``device`` or the model; ``remeasure``: ignore a cached table)."""
+    device and dtype follow ``device`` or the model; ``remeasure``: ignore a cached table; ``mlp_levels`` FFN
+    widths timed, ``repeats`` timed runs per level)."""
     if latency_table is not None:
         if isinstance(latency_table, LatencyTable):
             table = latency_table
@@ -40,15 +42,19 @@ def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_t
             raise ValueError(f"the latency table was measured for {table.model}, not for this model "
                              f"({model_signature(model)}); measure one with `optimum-prune latency`")
         return table
+    return get_latency_table(model, latency_environment(model, latency, device), progress=progress,
+                             remeasure=remeasure, mlp_levels=mlp_levels, repeats=repeats)
+
+
+def latency_environment(model: PreTrainedModel, latency: Any = None, device: Any = None) -> InferenceEnvironment:
+    """``latency`` (an environment or its fields) with an unset device and dtype following ``device`` or the model."""
     if isinstance(latency, InferenceEnvironment):
-        env = latency
-    else:
-        fields = dict(latency or {})
-        param = next(model.parameters())
-        fields.setdefault("device", str(device or param.device))
-        fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
-        env = InferenceEnvironment(**fields)
-    return get_latency_table(model, env, progress=progress, remeasure=remeasure)
+        return latency
+    fields = dict(latency or {})
+    param = next(model.parameters())
+    fields.setdefault("device", str(device or param.device))
+    fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
+    return InferenceEnvironment(**fields)
 
 
 __all__ = [
@@ -65,6 +71,7 @@ __all__ = [
     "add_cli",
     "default_cache_dir",
     "get_latency_table",
+    "latency_environment",
     "latency_table_path",
     "measure_latency_table",
     "measure_model_ms",

@@ -185,6 +185,10 @@ class MethodConfig(ConfigBase):
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **super().to_dict()}
 
+    def run_settings(self, run: "RunConfig") -> "RunConfig":
+        """The run settings this method runs with (a preset may size the defaults); the session records these."""
+        return run
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """From ``{"method": name, ...fields}``; on ``MethodConfig`` itself the registry picks the class."""

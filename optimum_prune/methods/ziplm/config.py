@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
-from ..base import ConfigBase, ConfigError, MethodConfig, check_positive, option, with_training_args
+from ..base import ConfigBase, ConfigError, MethodConfig, RunConfig, check_positive, option, with_training_args
 from ..common import is_number, json_object
 
 ENVIRONMENT = "optimum_prune.evaluation.environment:InferenceEnvironment"
@@ -55,6 +55,18 @@ class FinetuneConfig(ConfigBase):
         return cls(**with_training_args(cls, value))
 
 
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {
+        "method": {"latency": {"seq_len": 64}, "latency_mlp_levels": 8, "latency_repeats": 5,
+                   "search_iterations": 8, "search_samples": 2, "probe_samples": 0, "speedup_rounds": 3},
+        "run": {"num_samples": 16, "seq_len": 256},
+    },
+}
+"""Named defaults: ``method`` fields of ZipLMConfig and ``run`` fields of RunConfig."""
+FAST_SUMMARY = ("16 calibration windows of 256 tokens, a latency table of 8 FFN widths timed 5 times at 64 "
+                "tokens, no sensitivity probes, 8 refinement steps on 2 windows, 3 timing rounds per speedup")
+
+
 @dataclass
 class ZipLMConfig(MethodConfig):
     """Remove heads, FFN neurons and sublayers to meet target speedups measured in your inference environment."""
@@ -73,16 +85,49 @@ class ZipLMConfig(MethodConfig):
     search_iterations: int = option(30, "randomized refinement steps per target (0: the DP's choice on OBS "
                                         "losses alone)")
     search_samples: int = option(8, "calibration windows that score the refinement's candidates")
+    probe_samples: int = option(4, "calibration windows of the per-sublayer sensitivity probes (0: no probes, the "
+                                   "OBS losses alone)")
     measure_speedup: bool = option(True, "time the pruned model against the dense one and record the speedup")
     speedup_tolerance: float = option(0.03, "re-aim the search while the measured speedup misses by more than this")
+    speedup_rounds: int = option(5, "paired rounds (dense, then pruned) of each speedup measurement")
     strict: bool = option(False, "raise SpeedupMissError instead of warning when the measured speedup still misses "
                                  "a target by more than speedup_tolerance after re-aiming")
     dampening: float = option(0.01, "Hessian dampening, as a fraction of the mean diagonal")
     finetune: Any = option(None, "gradual ZipLM: a FinetuneConfig or its fields (train_dataset, max_steps, stages, "
                                  "...); None: one-shot", nested="optimum_prune.methods.ziplm.config:FinetuneConfig",
                            prefix="finetune-")
+    latency_mlp_levels: int = option(None, "FFN widths per block that the latency table times, and so the FFN levels "
+                                           "ZipLM chooses from (default: 16)")
+    latency_repeats: int = option(10, "timed runs per level of the latency table (their median is kept)")
+    preset: str = option(None, "fast: defaults sized for a first try on a CPU (minutes for a 135M model): "
+                               f"{FAST_SUMMARY}; it fills only the settings left at their defaults", choices=tuple(PRESETS))
+
+    def run_settings(self, run: RunConfig) -> RunConfig:
+        """The preset's calibration size where ``run`` keeps the defaults."""
+        if self.preset is None:
+            return run
+        defaults = RunConfig()
+        changes = {k: v for k, v in PRESETS[self.preset]["run"].items() if getattr(run, k) == getattr(defaults, k)}
+        return replace(run, **changes) if changes else run
+
+    def _apply_preset(self) -> None:
+        """Fill the fields still at their defaults with the preset's values."""
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in PRESETS[self.preset]["method"].items():
+            if name == "latency":
+                if self.latency is None:
+                    self.latency = dict(value)
+                elif isinstance(self.latency, dict):
+                    self.latency = {**value, **self.latency}
+            elif getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def validate(self) -> None:
+        self._apply_preset()
         target = self.target_speedup
         if target is None:
             raise ConfigError("ZipLM prunes to a target speedup: pass target_speedup=1.5 (or a list, e.g. "
@@ -98,6 +143,11 @@ class ZipLMConfig(MethodConfig):
                               f"batch_size, seq_len, mode, threads), got {self.latency!r}")
         self.finetune = FinetuneConfig.of(self.finetune)
         check_positive(self, "dampening", integer=False)
+        check_positive(self, "latency_repeats", "speedup_rounds")
+        if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
+            raise ConfigError(f"probe_samples must be an integer >= 0, got {self.probe_samples!r}")
+        if self.latency_mlp_levels is not None:
+            check_positive(self, "latency_mlp_levels")
 
     @property
     def targets(self) -> list[float]:

@@ -10,15 +10,25 @@ from transformers.utils import logging
 from ...calibration import load_calibration
 from ...engine.structure.database import keep_database, reusable_database
 from ...engine.structure.search import check_targets
-from ...evaluation.latency_table import SpeedupMeasurement, measure_speedup, resolve_latency_table
+from ...evaluation.latency_table import (SpeedupMeasurement, latency_environment, latency_table_path,
+                                         measure_speedup, resolve_latency_table)
 from ...records import Metrics
 from ..base import RunConfig
 from .config import FinetuneConfig, ZipLMConfig
+from .estimate import estimate_ziplm, say
 from .family import ZipLMFamily
 from .gradual import FinetuneSettings, run_gradual
 from .method import ZipLMSettings, run_ziplm
 
 logger = logging.get_logger(__name__)
+
+
+def _table_known(model: Any, config: ZipLMConfig, options: RunConfig) -> bool:
+    """Whether the latency table is given or cached (then it costs no time)."""
+    if config.latency_table is not None:
+        return True
+    env = latency_environment(model, config.latency, options.device)
+    return not config.remeasure_latency and latency_table_path(model, env, mlp_levels=config.latency_mlp_levels).exists()
 
 
 class SpeedupMissError(RuntimeError):
@@ -29,19 +39,23 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     """One target: the session's model is pruned and returned; several: a ``ZipLMFamily`` of new sessions."""
     targets = config.targets
     start = time.perf_counter()
+    if config.finetune is None:  # gradual runs say their training time through the Trainer
+        say(estimate_ziplm(session.model, config, options, table_known=_table_known(session.model, config,
+                                                                                    options)), logger)
     table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
-                                  progress=options.progress, remeasure=config.remeasure_latency)
+                                  progress=options.progress, remeasure=config.remeasure_latency,
+                                  mlp_levels=config.latency_mlp_levels, repeats=config.latency_repeats)
     check_targets(targets, table)
     tuning = finetune_settings(session, config.finetune, options) if config.finetune is not None else None
     ids, calib_info = session.calibration_data(options)
     env = table.environment
     settings = ZipLMSettings(search_iterations=config.search_iterations, search_samples=config.search_samples,
-                             dampening=config.dampening, seed=options.seed,
+                             probe_samples=config.probe_samples, dampening=config.dampening, seed=options.seed,
                              speedup_tolerance=config.speedup_tolerance)
     timings: dict[int, SpeedupMeasurement] = {}
 
     def speedup_of(model) -> float:
-        timings[id(model)] = measure_speedup(session.model, model, env)
+        timings[id(model)] = measure_speedup(session.model, model, env, rounds=config.speedup_rounds)
         return timings[id(model)].speedup
 
     if tuning is not None:

@@ -1,0 +1,114 @@
+"""How long a ZipLM run will take on this machine, said before the long steps start.
+
+One probe forward of the dense model at the calibration shape gives this machine's speed for this
+model; each step is then counted in forwards of the same model (calibration windows, scored
+candidates, timed runs) plus the OBS updates of the level database. It is an estimate: a busy
+machine takes longer, and it says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...modeling.adapters import get_adapter
+
+# Costs relative to a plain forward of the same tokens, from runs of SmolLM2-135M on 2 CPU cores.
+HOOKED_PASS = 1.6
+"""The database pass accumulates a Hessian per projection as it forwards the windows."""
+OBS_FLOP_RATE = 0.25
+"""Greedy OBS updates (rank-one, memory-bound) run at about this fraction of the forward's FLOP rate."""
+STACK_OVERHEAD = 1.5
+"""Building the random-weight stack for each latency-table level."""
+
+
+@dataclass
+class ZipLMEstimate:
+    """Seconds per step; zero for a step that is skipped (a cached table, a reused database)."""
+
+    table_s: float
+    database_s: float
+    search_s: float
+    measure_s: float
+    window_s: float = 0.0
+    """The probe: seconds of one forward of one calibration window here."""
+
+    @property
+    def total_s(self) -> float:
+        return self.table_s + self.database_s + self.search_s + self.measure_s
+
+    def describe(self) -> str:
+        parts = [f"{name} {_minutes(s)}" for name, s in (("latency table", self.table_s), ("level database",
+                 self.database_s), ("search", self.search_s), ("speedup checks", self.measure_s)) if s > 0]
+        return (f"ZipLM will take about {_minutes(self.total_s)} here ({', '.join(parts)}), "
+                "judged from one forward of this model; longer if the machine is busy")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _forward_seconds(model: Any, seq_len: int) -> float:
+    """One timed forward of one window of random tokens (after one warm-up), on the model's device."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids.to(device))
+        start = time.perf_counter()
+        model(input_ids=ids.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, database_known: bool = False,
+                   window_seconds: float | None = None) -> ZipLMEstimate:
+    """Seconds per step of ZipLM's ``run`` for these settings (``table_known``/``database_known``: skipped steps;
+    ``window_seconds``: a forward of one calibration window, measured here when not given)."""
+    dims = get_adapter(model).dims(model.config)
+    layers = dims.num_layers
+    targets = len(config.targets)
+    t_window = window_seconds or _forward_seconds(model, options.seq_len)  # one calibration window
+    n_params = sum(p.numel() for p in model.parameters())
+    flop_rate = 2 * n_params * options.seq_len / t_window
+
+    env = dict(config.latency or {})
+    env_tokens = env.get("batch_size", 1) * env.get("seq_len", 512)
+    t_env = t_window * env_tokens / options.seq_len  # one timed forward in the latency environment
+    repeats = config.latency_repeats
+    warmup = 3
+    if table_known:
+        table = 0.0
+    else:
+        levels = dims.num_kv_heads * dims.heads_per_group + (config.latency_mlp_levels or 16) + 1
+        stack = min(layers, 16) / layers
+        table = (warmup + repeats) * t_env * (2 + levels * stack * STACK_OVERHEAD)
+    if database_known:
+        database = 0.0
+    else:
+        F, d = dims.intermediate_size, dims.hidden_size
+        steps = min(F, 2048)
+        obs_flops = layers * 2 * steps * (F * F + d * F)
+        database = options.num_samples * t_window * HOOKED_PASS + obs_flops / (flop_rate * OBS_FLOP_RATE)
+    probes = 2 * layers * config.probe_samples + config.probe_samples
+    scored = config.search_iterations * config.search_samples + 4 * config.search_samples
+    search = (probes + targets * scored) * t_window
+    measure = 0.0
+    if config.measure_speedup:
+        runs_per_check = config.speedup_rounds * 2 * (4 + 2)  # rounds x (dense, pruned) x (repeats + warm-up)
+        measure = targets * 2 * runs_per_check * t_env * 0.8  # about two checks per target; pruned runs faster
+    return ZipLMEstimate(table, database, search, measure, t_window)
+
+
+def say(estimate: ZipLMEstimate, logger: Any) -> None:
+    """Log the estimate: a warning (seen without -v) when it is a minute or more, naming the faster preset."""
+    text = estimate.describe()
+    if estimate.total_s >= 60:
+        logger.warning("%s. preset='fast' (--preset fast) sizes a first try to minutes", text)
+    else:
+        logger.info(text)
+
+
