@@ -75,13 +75,20 @@ def _walk(models: Sequence[nn.Module], windows: torch.Tensor, device: torch.devi
             yield slice(offset, offset + logps[0].shape[0]), logps
 
 
-def _mean_kl(chunks: Iterable[tuple[torch.Tensor, _Rows]]) -> float:
-    """Mean over positions of KL(p || q), from (model log-probs q, reference rows p) chunks, summed in fp64."""
+def _mean_kl(chunks: Iterable[tuple[torch.Tensor, _Rows]], stop_above: float | None = None,
+             positions: int | None = None) -> float:
+    """Mean over positions of KL(p || q), from (model log-probs q, reference rows p) chunks, summed in fp64.
+
+    With ``stop_above`` (and the total ``positions``), it returns ``total / positions`` as soon as that lower
+    bound of the mean (KL terms are never negative) reaches ``stop_above``: the candidate cannot win anymore.
+    """
     total, count = 0.0, 0
     for logq, (logp, idx, rest) in chunks:
         kl = _kl_rows(logq, logp, idx, rest)
         total += kl.double().sum().item()
         count += kl.numel()
+        if stop_above is not None and count < positions and total / positions >= stop_above:
+            return total / positions
     return total / count
 
 
@@ -192,8 +199,12 @@ def kl_to_reference(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: bool = True,
+    stop_above: float | None = None,
 ) -> float:
-    """``kl_divergence`` of ``model`` against precomputed ``reference_logprobs`` (one forward of the model only)."""
+    """``kl_divergence`` of ``model`` against precomputed ``reference_logprobs`` (one forward of the model only).
+
+    ``stop_above``: stop early and return a lower bound (at least ``stop_above``) once the mean cannot end below it.
+    """
     require_causal_lm(model, "KL divergence")
     windows = cached.input_ids
     if input_ids is not None and not torch.equal(as_windows(input_ids).cpu(), windows.cpu()):
@@ -202,7 +213,8 @@ def kl_to_reference(
     with eval_no_grad(model):
         chunks = _walk([model], windows, run_device, batch_size, "KL to reference", progress)
         rows = _cached_rows(cached, run_device)
-        return _mean_kl((logq, rows(sel, logq.shape[-1])) for sel, (logq,) in chunks)
+        return _mean_kl(((logq, rows(sel, logq.shape[-1])) for sel, (logq,) in chunks), stop_above,
+                        windows.numel())
 
 
 def _cached_rows(cached: ReferenceLogprobs, device: torch.device) -> Callable[[slice, int], _Rows]:

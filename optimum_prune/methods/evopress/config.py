@@ -31,6 +31,10 @@ class EvoPressSettings(ConfigBase):
     seed: int = option(0, "seed of the search (mutations and minibatches)")
     state_file: Any = option(None, "search state (JSON, rewritten every generation): an interrupted search "
                                    "resumes from it")
+    cache_mib: float = option(512, "memory for the parent's activations at block boundaries on the scoring "
+                                   "windows: a candidate starts at its first changed block, evaluations that cannot "
+                                   "be selected stop early, identical candidates are scored once (same scores, same "
+                                   "search); 0: off, every candidate a full forward")
     fresh_windows: bool = option(True, "draw each selection step's windows afresh from the calibration set (the "
                                        "paper's minibatches); False: the first windows every time")
     level_store: Any = option(None, "sparsity / bit-width targets: directory of the per-Linear level store (built "
@@ -49,6 +53,7 @@ class EvoPressSettings(ConfigBase):
         """The fields that define a search's trajectory (a state file resumes only a search with equal ones)."""
         key = asdict(self)
         key.pop("recalibrate")
+        key.pop("cache_mib")  # how fast, not which search
         if key["fitness"] == "kl":  # added later: at its default, state files written before still resume
             key.pop("fitness")
         key.update(generations=None, state_file=None, level_store=None)  # where and how long, not which search

@@ -36,6 +36,7 @@ from ...engine.quant import QuantSpec
 from ...engine.schedule import LayerStatistics, hessian_kmeans
 from ...engine.sequential import SequentialOptions, fingerprint
 from .config import EvoPressSettings
+from .fitness import fitness_info, loaded, search_fitness
 from .search import evolve
 from ...evaluation.scorer import CalibrationScorer
 
@@ -268,10 +269,8 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
     n = len(store.units)
     scorer = scorer or CalibrationScorer(model, input_ids, s.top_k, batch_size, s.fitness)
     loader = StoreLoader(model, store)
-
-    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
-        loader.load(state)
-        return scorer(model, rows if rows is not None else list(range(s.windows[step])))
+    fitness = search_fitness(model, scorer, lambda state: loaded(model, loader.load, state),
+                             [u.layer for u in store.units], s, batch_size)
 
     starts = seeds(store, target, groups)
     seed_fitness = {name: fitness(state, len(s.windows) - 1) for name, state in starts.items()}
@@ -292,7 +291,7 @@ def search_levels(model: nn.Module, input_ids: torch.Tensor, store: LevelStore, 
             "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed,
             "level_values": store.levels,
             "units": n, "unit_groups": len(groups), "level_store_mib": round(store.nbytes() / 2**20, 1),
-            "history": [round(h, 6) for h in result.history], "levels": levels}
+            "history": [round(h, 6) for h in result.history], "levels": levels, **fitness_info(fitness)}
     return result.state, info
 
 

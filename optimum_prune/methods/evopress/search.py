@@ -33,6 +33,7 @@ from ...modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjectio
 from ...saving import atomic_write_text
 from ...evaluation.scorer import CalibrationScorer
 from .config import EvoPressSettings
+from .fitness import fitness_info, score_step, search_fitness
 
 logger = logging.get_logger(__name__)
 
@@ -105,6 +106,9 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
     def draw(step: int) -> list[int] | None:
         return torch.randperm(pool, generator=generator)[: settings.windows[step]].tolist() if fresh else None
 
+    bounded = getattr(fitness, "bounded", False)  # a CachedFitness: parent-aware, thresholds, deduplication
+    if bounded:
+        fitness.set_parent(parent)
     if parent_fit is None:
         parent_fit = initial_fit = score(parent, last, list(range(min(pool, settings.windows[last]))) if fresh
                                          else None)
@@ -114,17 +118,26 @@ def evolve(initial: list[int], mutate: Callable[[list[int], torch.Generator], li
         candidates = [mutate(parent, generator) for _ in range(settings.offspring)]
         for step in range(len(settings.windows)):
             rows = draw(step)
-            scored = [(score(c, step, rows), c) for c in candidates]
+            if bounded:  # same scores where they decide anything; the parent first at the last step (its bound)
+                if step == last and fresh:
+                    parent_fit = score(parent, step, rows)
+                    evaluations += 1
+                scored = score_step(fitness, candidates, step, rows,
+                                    settings.survivors[step] if step < last else None, parent_fit)
+            else:
+                scored = [(score(c, step, rows), c) for c in candidates]
             evaluations += len(scored)
             if step < last:
                 scored.sort(key=lambda t: t[0])
                 candidates = [c for _, c in scored[: settings.survivors[step]]]
-            elif fresh:  # the parent re-enters at the last step, on the same windows
+            elif fresh and not bounded:  # the parent re-enters at the last step, on the same windows
                 parent_fit = score(parent, step, rows)
                 evaluations += 1
         best_fit, best = min(scored, key=lambda t: t[0])
         if best_fit < parent_fit:  # elitist: the parent stays unless an offspring beats it
             parent, parent_fit = best, best_fit
+            if bounded:
+                fitness.set_parent(parent)
         history.append(parent_fit)
         bar.update(1)
         bar.set_postfix(fitness=f"{parent_fit:.4g}")
@@ -215,10 +228,8 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
         blocks = {p for p in range(depth) if state[p]}
         return blocks, blocks
 
-    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
-        attention, mlp = sets(state)
-        with dropped_sublayers(model, attention, mlp):
-            return scorer(model, rows if rows is not None else list(range(s.windows[step])))
+    fitness = search_fitness(model, scorer, lambda state: dropped_sublayers(model, *sets(state)),
+                             [u % depth for u in range((2 if sublayers else 1) * depth)], s, batch_size)
 
     # seeds: the fixed strategies, as block sets (positions)
     probe = input_ids[: s.windows[-1]]
@@ -248,7 +259,8 @@ def search_depth(model: nn.Module, input_ids: torch.Tensor, *, num_blocks: int |
             "generations": result.generations, "offspring": s.offspring,
             "survivors": s.survivors, "tokens": [w * input_ids.shape[1] for w in s.windows],
             "fresh_windows": s.fresh_windows, "evaluations": result.evaluations, "seed": s.seed, "start": best_seed,
-            "seed_fitness": seed_fitness, "history": [round(h, 6) for h in result.history]}
+            "seed_fitness": seed_fitness, "history": [round(h, 6) for h in result.history],
+            **fitness_info(fitness)}
     if sublayers:
         return DepthSearchResult([], sorted(originals[p] for p in attention), sorted(originals[p] for p in mlp), info)
     return DepthSearchResult(sorted(originals[p] for p in attention), [], [], info)
@@ -308,8 +320,8 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
     def picked(state: list[int]) -> list[int]:
         return [o[j] for o, j in zip(order, state)]
 
-    def fitness(state: list[int], step: int, rows: list[int] | None = None) -> float:
-        return scorer(stitcher.build(items, picked(state)), rows if rows is not None else list(range(s.windows[step])))
+    fitness = search_fitness(model, scorer, lambda state: contextlib.nullcontext(stitcher.build(items, picked(state))),
+                             [item.layer for item in items], s, batch_size)
 
     run_key = fingerprint("evopress-structure", input_ids, target_speedup, table.to_dict(), s.search_key())
     result = evolve(initial, lambda st, g: budget_mutation(st, costs, budget, g, s.max_swaps), fitness, s,
@@ -322,7 +334,7 @@ def search_structure(model: nn.Module, input_ids: torch.Tensor, table, target_sp
             "fitness_metric": scorer.name,
             "generations": result.generations, "offspring": s.offspring, "survivors": s.survivors,
             "tokens": [w * input_ids.shape[1] for w in s.windows], "evaluations": result.evaluations, "seed": s.seed,
-            "start": "ziplm dp", "history": [round(h, 6) for h in result.history]}
+            "start": "ziplm dp", "history": [round(h, 6) for h in result.history], **fitness_info(fitness)}
     return chosen, items, info
 
 

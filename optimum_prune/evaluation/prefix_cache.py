@@ -1,0 +1,206 @@
+"""A parent's hidden states at block boundaries on the scoring windows, so a search candidate that shares the
+parent's first blocks starts at its first changed block instead of at the embeddings.
+
+Exact: the skipped blocks would compute, on the same windows, what the parent computed. The cache keeps, per
+scoring window, the residual stream entering some blocks (``boundary b`` = the output of block ``b - 1``; the
+last one, ``depth``, is what enters the final norm, so the parent itself is re-scored with its head only).
+Memory is ``windows x boundaries x seq_len x hidden x bytes``; the boundaries kept are chosen to fit a budget.
+A forward of the model on a cached window with ``resume(model, start)`` replays boundary ``start`` for blocks
+``0 .. start - 1`` (their ``forward`` is patched for the duration); any other input runs normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..modeling.adapters import get_adapter
+from .models import call_without_cache, eval_no_grad, model_device
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class PrefixCacheStats:
+    """How the cache was used: forwards resumed, blocks they skipped, parent windows filled, bytes held."""
+
+    resumed: int = 0
+    full: int = 0
+    blocks_skipped: int = 0
+    blocks_total: int = 0
+    filled_windows: int = 0
+    peak_mib: float = 0.0
+    boundaries: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resumed": self.resumed, "full": self.full, "filled_windows": self.filled_windows,
+                "skipped_block_fraction": round(self.blocks_skipped / max(1, self.blocks_total), 4),
+                "peak_mib": round(self.peak_mib, 1), "boundaries": list(self.boundaries)}
+
+
+def choose_boundaries(depth: int, windows: int, bytes_per_state: int, budget_mib: float) -> list[int]:
+    """Boundaries to keep for ``windows`` windows within ``budget_mib``: the last (parent re-scores) first, then
+    evenly spaced ones (a candidate resumes at the nearest kept boundary at or before its first change)."""
+    fits = int(budget_mib * 2**20 // max(1, windows * bytes_per_state))
+    if fits <= 0:
+        return []
+    if fits >= depth:
+        return list(range(1, depth + 1))
+    inner = fits - 1
+    picked = {round(1 + i * (depth - 1) / inner) for i in range(inner)} if inner else set()
+    return sorted({b for b in picked if 1 <= b < depth} | {depth})
+
+
+class PrefixCache:
+    """The parent's boundary states per scoring window (see the module docstring); ``budget_mib`` bounds them."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, budget_mib: float) -> None:
+        self.adapter = get_adapter(model)
+        self.depth = len(self.adapter.layers(model))
+        self.windows = windows
+        self.index: dict[bytes, int] = {}
+        for i, row in enumerate(windows):
+            self.index.setdefault(row.numpy().tobytes(), i)
+        hidden = model.config.get_text_config().hidden_size
+        itemsize = next(model.parameters()).element_size()
+        self.state_bytes = windows.shape[1] * hidden * itemsize
+        self.boundaries = choose_boundaries(self.depth, windows.shape[0], self.state_bytes, budget_mib)
+        self.states: dict[int, dict[int, torch.Tensor]] = {}
+        self.parent: list[Any] | None = None
+        self.tuple_output: bool | None = None
+        self.stats = PrefixCacheStats(boundaries=list(self.boundaries))
+        self._current: torch.Tensor | None = None
+        if not self.boundaries:
+            logger.warning("EvoPress activation cache: %.0f MiB cannot hold one boundary of %d windows (%.1f MiB); "
+                           "candidates run full forwards", budget_mib, windows.shape[0],
+                           windows.shape[0] * self.state_bytes / 2**20)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.boundaries)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for per in self.states.values() for t in per.values())
+
+    # ------------------------------------------------------------------------------ parent and candidates
+    def set_parent(self, signature: Sequence[Any]) -> None:
+        """The parent changed to ``signature`` (one hashable per block): boundaries past the first changed
+        block are dropped, the ones before it stay valid."""
+        keep = 0 if self.parent is None else first_change(self.parent, signature)
+        self.parent = list(signature)
+        for per in self.states.values():
+            for b in [b for b in per if b > keep]:
+                del per[b]
+
+    def start_for(self, signature: Sequence[Any]) -> int:
+        """The boundary a candidate resumes at: the last kept one at or before its first change (0: none)."""
+        if self.parent is None:
+            return 0
+        change = first_change(self.parent, signature)
+        return max((b for b in self.boundaries if b <= change), default=0)
+
+    def missing(self, rows: Sequence[int], start: int) -> list[int]:
+        """Windows of ``rows`` (deduplicated) without boundary ``start``."""
+        canon = [self.index[self.windows[r].numpy().tobytes()] for r in rows]
+        return [w for w in dict.fromkeys(canon) if start not in self.states.get(w, {})]
+
+    @torch.no_grad()
+    def fill(self, parent_model: nn.Module, rows: Sequence[int], batch_size: int) -> None:
+        """Run the parent on ``rows`` (resuming from what it already holds) and keep every kept boundary."""
+        if not rows:
+            return
+        layers = self.adapter.layers(parent_model)
+        device = model_device(parent_model)
+        with eval_no_grad(parent_model):
+            for begin in range(0, len(rows), batch_size):
+                batch = list(rows[begin:begin + batch_size])
+                have = [set(self.states.get(w, {})) for w in batch]
+                start = max((b for b in self.boundaries if all(b in h for h in have)), default=0)
+                captured: dict[int, torch.Tensor] = {}
+                handles = [layers[b - 1].register_forward_hook(self._capture(captured, b))
+                           for b in self.boundaries if b > start]
+                try:
+                    with self.resume(parent_model, start, count=False):
+                        call_without_cache(parent_model.base_model, self.windows[batch].to(device))
+                finally:
+                    for h in handles:
+                        h.remove()
+                for b, states in captured.items():
+                    for j, w in enumerate(batch):
+                        self.states.setdefault(w, {})[b] = states[j].clone()
+                self.stats.filled_windows += len(batch)
+        self.stats.peak_mib = max(self.stats.peak_mib, self.nbytes() / 2**20)
+
+    def _capture(self, captured: dict[int, torch.Tensor], boundary: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.tuple_output = isinstance(output, tuple)
+            captured[boundary] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    # ------------------------------------------------------------------------------ resumed forwards
+    @contextlib.contextmanager
+    def resume(self, model: nn.Module, start: int, count: bool = True) -> Iterator[nn.Module]:
+        """Inside, a forward of ``model`` on cached windows skips blocks ``0 .. start - 1`` (boundary ``start``
+        replayed); other inputs (probes, unknown windows) run every block."""
+        if start <= 0:
+            if count:
+                self.stats.full += 1
+                self.stats.blocks_total += self.depth
+            yield model
+            return
+        layers = self.adapter.layers(model)
+        base = model.base_model
+        current: dict[str, Any] = {"states": None}
+
+        def pre(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            current["states"] = None
+            if ids is None:
+                return
+            found = [self.index.get(row.cpu().numpy().tobytes()) for row in ids]
+            if all(w is not None and start in self.states.get(w, {}) for w in found):
+                current["states"] = torch.stack([self.states[w][start] for w in found])
+
+        def replay(original):
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                states = current["states"]
+                if states is None:
+                    return original(*args, **kwargs)
+                return (states,) if self.tuple_output else states
+            return forward
+
+        handle = base.register_forward_pre_hook(pre, with_kwargs=True)
+        patched = [layers[i] for i in range(min(start, len(layers)))]
+        saved = [block.__dict__.get("forward") for block in patched]  # an instance forward (accelerate) stays
+        for block in patched:
+            block.forward = replay(block.forward)
+        if count:
+            self.stats.resumed += 1
+            self.stats.blocks_skipped += start
+            self.stats.blocks_total += self.depth
+        try:
+            yield model
+        finally:
+            handle.remove()
+            for block, previous in zip(patched, saved):
+                if previous is None:
+                    del block.forward  # the instance attribute; the class's forward shows through again
+                else:
+                    block.forward = previous
+
+
+def first_change(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Index of the first block whose signature differs (``len(a)`` when none does)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return len(a)
+
+
+__all__ = ["PrefixCache", "PrefixCacheStats", "choose_boundaries", "first_change"]

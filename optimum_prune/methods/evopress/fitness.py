@@ -1,0 +1,141 @@
+"""EvoPress fitness with exact savings: a candidate starts from its parent's cached activations at its first
+changed block, an evaluation that can no longer be selected stops early, identical candidates are scored once.
+
+Every saving leaves the scores the search compares, and so its trajectory, as they were (tested against the
+plain fitness): the skipped blocks would have computed what the parent computed, and a stopped evaluation
+only returns a lower bound where ``evolve`` needs to know no more than "not better than the threshold".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+from torch import nn
+
+from ...evaluation.prefix_cache import PrefixCache
+from ...evaluation.scorer import CalibrationScorer
+from ...modeling.adapters import get_adapter
+from .config import EvoPressSettings
+
+Signature = Callable[[list[int]], Sequence[Any]]
+"""One hashable per block of the scored model: what of a state that block depends on."""
+
+
+class CachedFitness:
+    """``fitness(state, step, rows)`` for ``evolve``, reusing the parent's prefix (``PrefixCache``)."""
+
+    bounded = True  # evolve passes thresholds (``limit``) and the parent (``set_parent``)
+
+    def __init__(self, scorer: CalibrationScorer, model_for: Callable[[list[int]], ContextManager[nn.Module]],
+                 signature: Signature, default_rows: Callable[[int], list[int]], cache: PrefixCache | None,
+                 batch_size: int) -> None:
+        self.scorer = scorer
+        self.model_for = model_for
+        self.signature = signature
+        self.default_rows = default_rows
+        self.cache = cache if cache is not None and cache.enabled else None
+        self.batch_size = batch_size
+        self.parent: list[int] | None = None
+        self.threshold: float | None = None
+
+    def set_parent(self, state: list[int]) -> None:
+        """The search's parent is now ``state``: its cached activations are the ones candidates resume from."""
+        self.parent = list(state)
+        if self.cache is not None:
+            self.cache.set_parent(self.signature(self.parent))
+
+    @contextlib.contextmanager
+    def limit(self, threshold: float | None):
+        """Scores at or above ``threshold`` are not needed exactly inside (the selection rejects them anyway)."""
+        previous, self.threshold = self.threshold, threshold
+        try:
+            yield
+        finally:
+            self.threshold = previous
+
+    def __call__(self, state: list[int], step: int, rows: list[int] | None = None) -> float:
+        rows = rows if rows is not None else self.default_rows(step)
+        start = 0
+        if self.cache is not None and self.parent is not None:
+            start = self.cache.start_for(self.signature(state))
+            missing = self.cache.missing(rows, start) if start else []
+            if missing:
+                with self.model_for(self.parent) as parent_model:
+                    self.cache.fill(parent_model, missing, self.batch_size)
+        with self.model_for(state) as model, self.scorer.stopping_above(self.threshold):
+            if self.cache is None:
+                return self.scorer(model, rows)
+            with self.cache.resume(model, start):
+                return self.scorer(model, rows)
+
+    def info(self) -> dict[str, Any]:
+        """What the reuse did, for the search record."""
+        if self.cache is None:
+            return {"activation_cache": None}
+        return {"activation_cache": self.cache.stats.to_dict()}
+
+
+def score_step(fitness: Callable[..., float], candidates: list[list[int]], step: int, rows: list[int] | None,
+               keep: int | None, ceiling: float | None) -> list[tuple[float, list[int]]]:
+    """Score ``candidates`` in order as the plain loop would, for a fitness with ``limit``: identical states
+    are scored once, and once ``keep`` scores are known (or ``ceiling``, the parent's, is) an evaluation stops
+    as soon as it cannot be selected: it cannot enter the best ``keep`` (ties go to earlier candidates, as in
+    the stable sort), or at the last step (``keep=None``) beat both the parent and the best so far."""
+    scored: list[tuple[float, list[int]]] = []
+    known: dict[tuple[int, ...], float] = {}
+    complete: list[float] = []
+    for state in candidates:
+        key = tuple(state)
+        if key not in known:
+            if keep is not None:
+                threshold = sorted(complete)[keep - 1] if len(complete) >= keep else None
+            else:
+                threshold = min([v for v in (ceiling, min(complete, default=None)) if v is not None], default=None)
+            with fitness.limit(threshold):
+                value = fitness(state, step, rows) if rows is not None else fitness(state, step)
+            known[key] = value
+            if threshold is None or value < threshold:  # below the threshold the evaluation ran to the end
+                complete.append(value)
+        scored.append((known[key], state))
+    return scored
+
+
+def search_fitness(model: nn.Module, scorer: CalibrationScorer,
+                   model_for: Callable[[list[int]], ContextManager[nn.Module]], unit_blocks: Sequence[int],
+                   settings: EvoPressSettings, batch_size: int) -> Callable[..., float]:
+    """The fitness of a search whose unit ``i`` sits in block ``unit_blocks[i]`` of ``model`` and whose states
+    ``model_for`` turns into a model to score: a ``CachedFitness`` within ``settings.cache_mib``, or with
+    ``cache_mib=0`` the plain one (every candidate a full forward, as before the cache existed)."""
+    def rows_of(step: int) -> list[int]:
+        return list(range(settings.windows[step]))
+
+    depth = len(get_adapter(model).layers(model))
+    if not settings.cache_mib or settings.cache_mib <= 0 or not all(0 <= b < depth for b in unit_blocks):
+        def plain(state: list[int], step: int, rows: list[int] | None = None) -> float:
+            with model_for(state) as candidate:
+                return scorer(candidate, rows if rows is not None else rows_of(step))
+        return plain
+    cache = PrefixCache(model, scorer.ids, settings.cache_mib)
+    by_block = [[i for i, b in enumerate(unit_blocks) if b == p] for p in range(cache.depth)]
+
+    def signature(state: list[int]) -> list[tuple[int, ...]]:
+        return [tuple(state[i] for i in units) for units in by_block]
+
+    return CachedFitness(scorer, model_for, signature, rows_of, cache, batch_size)
+
+
+def fitness_info(fitness: Callable[..., float]) -> dict[str, Any]:
+    """The reuse statistics of a search's fitness for its record (None when it ran without the cache)."""
+    return fitness.info() if isinstance(fitness, CachedFitness) else {"activation_cache": None}
+
+
+@contextlib.contextmanager
+def loaded(model: nn.Module, load: Callable[[list[int]], None], state: list[int]):
+    """``model`` after ``load(state)`` (a search that sets its units in place, e.g. from a level store)."""
+    load(state)
+    yield model
+
+
+__all__ = ["CachedFitness", "score_step", "search_fitness", "fitness_info", "loaded"]

@@ -1,0 +1,105 @@
+"""EvoPress's exact savings (parent activations reused, early stops, identical candidates once) leave the search
+as it was: the same parents, fitness history and choices with the cache on as with it off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import FAMILIES, VOCAB
+
+import optimum_prune.methods.evopress.search as search
+from optimum_prune.evaluation.prefix_cache import PrefixCache, choose_boundaries
+from optimum_prune.methods.evopress.search import EvoPressSettings, dropped_sublayers, search_depth
+
+CALIB = torch.randint(0, VOCAB, (12, 32), generator=torch.Generator().manual_seed(1))
+SETTINGS = dict(generations=8, offspring=6, windows=[2, 4, 12], survivors=[3, 2], seed=0)
+
+
+def trajectory(monkeypatch, tmp_path, model, cache_mib, name, **kwargs):
+    """The depth search's result and its parent after every generation (from the state file's rewrites)."""
+    parents = []
+    real = search._save_state
+    monkeypatch.setattr(search, "_save_state", lambda path, state: (parents.append((state["parent"],
+                                                                                      state["fitness"])),
+                                                                     real(path, state)))
+    settings = EvoPressSettings(**SETTINGS, cache_mib=cache_mib, state_file=tmp_path / f"{name}.json")
+    result = search_depth(model, CALIB, settings=settings, progress=False, batch_size=4, **kwargs)
+    monkeypatch.setattr(search, "_save_state", real)
+    return result, parents
+
+
+@pytest.mark.parametrize("family,sublayers", [("llama-gqa", True), ("llama-gqa", False), ("gpt2", True),
+                                              ("opt", True), ("bert", True)])
+def test_cache_on_and_off_give_the_same_search(monkeypatch, tmp_path, family, sublayers):
+    model = FAMILIES[family].build()
+    off, off_parents = trajectory(monkeypatch, tmp_path, model, 0, "off", num_blocks=1, sublayers=sublayers)
+    on, on_parents = trajectory(monkeypatch, tmp_path, model, 512, "on", num_blocks=1, sublayers=sublayers)
+    small, small_parents = trajectory(monkeypatch, tmp_path, model, 0.1, "small", num_blocks=1,
+                                      sublayers=sublayers)  # a few boundaries only
+    assert off.info["activation_cache"] is None and on.info["activation_cache"]["resumed"] > 0
+    assert len(small.info["activation_cache"]["boundaries"]) < len(on.info["activation_cache"]["boundaries"])
+    for run, parents in ((on, on_parents), (small, small_parents)):
+        assert [p for p, _ in parents] == [p for p, _ in off_parents]  # the same parent every generation
+        assert [f for _, f in parents] == pytest.approx([f for _, f in off_parents], rel=1e-9, abs=0)
+        assert (run.drop_layers, run.drop_attention, run.drop_mlp) == (off.drop_layers, off.drop_attention,
+                                                                        off.drop_mlp)
+        assert run.info["fitness"] == pytest.approx(off.info["fitness"], rel=1e-9, abs=0)
+        assert run.info["seed_fitness"] == pytest.approx(off.info["seed_fitness"], rel=1e-9, abs=0)
+        assert run.info["evaluations"] == off.info["evaluations"] and run.info["start"] == off.info["start"]
+    # on this CPU the reuse is bit-exact: the skipped blocks compute the same numbers in any batch
+    assert [f for _, f in on_parents] == [f for _, f in off_parents]
+
+
+def test_resumed_forward_equals_the_full_forward_and_unknown_inputs_run_normally():
+    model = FAMILIES["llama-gqa"].build()
+    cache = PrefixCache(model, CALIB, 512)
+    parent = [(0, 0), (1, 0), (0, 0), (0, 1)]
+    cache.set_parent(parent)
+    with dropped_sublayers(model, {1}, {3}):
+        cache.fill(model, [0, 3, 5], batch_size=2)
+    candidate = [(0, 0), (1, 0), (1, 0), (0, 0)]  # first change at block 2
+    start = cache.start_for(candidate)
+    assert start == 2 and cache.missing([0, 3, 5], 2) == []
+    with dropped_sublayers(model, {1, 2}, set()):
+        with torch.no_grad():
+            full = model(input_ids=CALIB[[0, 5]]).logits
+            with cache.resume(model, start):
+                resumed = model(input_ids=CALIB[[0, 5]]).logits
+                other = model(input_ids=CALIB[[1, 2]]).logits  # not cached: every block runs
+            plain = model(input_ids=CALIB[[1, 2]]).logits
+    assert torch.equal(resumed, full) and torch.equal(other, plain)
+    assert all(not hasattr(b, "__dict__") or "forward" not in b.__dict__ for b in model.model.layers)
+    cache.set_parent([(0, 0), (1, 1), (0, 0), (0, 1)])  # a new parent: boundaries past block 1 are stale
+    assert all(set(per) <= {1} for per in cache.states.values())
+
+
+def test_boundaries_fit_the_budget():
+    assert choose_boundaries(30, 32, 2**20, 10_000) == list(range(1, 31))
+    picked = choose_boundaries(30, 32, 2**20, 32 * 8)
+    assert len(picked) <= 8 and picked[-1] == 30 and picked[0] == 1
+    assert choose_boundaries(30, 32, 2**20, 16) == []
+
+
+def test_sparsity_and_structure_searches_choose_the_same_with_the_cache(tmp_path):
+    from test_ziplm import proportional_table
+
+    from optimum_prune import Pruner
+
+    fast = dict(generations=4, offspring=4, windows=[2, 4, 12], survivors=[2, 2], seed=0, recalibrate=False)
+    runs = {}
+    for mib in (0, 512):
+        pruner = Pruner(FAMILIES["llama-gqa"].build())
+        pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, batch_size=4,
+                     progress=False, evopress=dict(fast, cache_mib=mib, level_store=str(tmp_path / "store"),
+                                                   levels=[0.3, 0.4, 0.5, 0.6, 0.7]))
+        sparsity = pruner.pruning_config.search
+        pruner = Pruner(FAMILIES["llama-gqa"].build())
+        pruner.prune(method="evopress", target="structure", target_speedup=1.5, calibration=CALIB, batch_size=4,
+                     latency_table=proportional_table(pruner.model), progress=False, measure_speedup=False,
+                     evopress=dict(fast, cache_mib=mib))
+        runs[mib] = (sparsity, pruner.pruning_config.search)
+    for off, on in zip(runs[0], runs[512]):
+        assert off["activation_cache"] is None and on["activation_cache"]["resumed"] > 0
+        assert on["levels"] == off["levels"] and on["history"] == off["history"]
+        assert on["fitness"] == pytest.approx(off["fitness"], rel=1e-9, abs=0)
+        assert on["evaluations"] == off["evaluations"]
