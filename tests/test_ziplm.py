@@ -477,7 +477,7 @@ def test_a_missed_target_warns_in_the_log_the_family_table_and_the_card_or_raise
     from optimum_prune.evaluation.latency_table import SpeedupMeasurement
     from optimum_prune.methods.ziplm import entry
 
-    def slow_machine(dense, pruned, env):  # whatever is chosen, it runs only 1.1x faster
+    def slow_machine(dense, pruned, env, **timing):  # whatever is chosen, it runs only 1.1x faster
         return SpeedupMeasurement(1.1, 10.0, 10.0 / 1.1, (1.1,))
 
     monkeypatch.setattr(entry, "measure_speedup", slow_machine)

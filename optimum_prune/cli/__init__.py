@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    apply = sub.add_parser("apply", help="remove explicit heads / neurons / sublayers / layers, save, verify the reload")
-    model_args(apply, eval_text=False)
+    apply = sub.add_parser("apply", help="remove explicit heads / neurons / sublayers / layers as they are (no weight "
+                                         "correction), save, verify the reload")
+    model_args(apply)
     apply.add_argument("--config", help="a PruningConfig JSON file (original indices)")
     apply.add_argument("--remove-heads", default="", help="query heads per layer, e.g. '0:1,2;3:0-2'")
     apply.add_argument("--remove-neurons", default="", help="FFN neurons per layer, e.g. '4:0-767'")

@@ -231,12 +231,21 @@ def _apply(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pruner = Pruner.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
     probe = _probe_inputs(pruner)
+    from .compare import measure, reload_hint, render
+
+    before = measure(pruner, args)
     pruner.apply(config)
     with torch.no_grad():
         expected = _logits(pruner.model, probe)
     out = pruner.save_pretrained(args.output)
     print(pruner.summary().to_markdown(changed_only=True))
+    print("\napply removes exactly these structures, without weight correction: it cuts a structure you chose (or "
+          "reproduces one). `optimum-prune prune` chooses them and corrects the remaining weights (OBS).")
+    figures = render(before, measure(pruner, args), args)
+    if figures:
+        print(figures)
     print(f"\nsaved to {out} ({time.perf_counter() - start:.1f} s)")
+    print(reload_hint(out, _auto_class_name(pruner.model)))
     if not args.no_verify:
         from ..loading import auto_class, task_of_model
 

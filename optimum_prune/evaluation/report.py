@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from .kl import kl_divergence
 from .models import is_causal_lm, max_positions
-from .perplexity import PerplexityResult, perplexity
+from .ppl import PerplexityResult, perplexity
 from .size import SizeResult, model_size
 from .timing import LatencyResult, measure_latency
 from .windows import windows_from

@@ -234,8 +234,11 @@ def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> to
 
 # --------------------------------------------------------------------------- building the database
 def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float = 0.01,
-                   options: SequentialOptions | None = None) -> LevelDatabase:
-    """One read-only sequential pass over the dense model: the levels of every attention and MLP."""
+                   options: SequentialOptions | None = None, obs_steps: int = 2048) -> LevelDatabase:
+    """One read-only sequential pass over the dense model: the levels of every attention and MLP.
+
+    ``obs_steps``: greedy OBS steps per FFN (a wider FFN removes several least-loss neurons per step).
+    """
     adapter = get_adapter(model)
     dims = adapter.dims(model.config)
     layers: dict[int, LayerDatabase] = {}
@@ -256,7 +259,7 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
                 levels = attention_levels(W, Hinv, dims)
                 width = dims.head_dim
             else:
-                levels = mlp_levels(W, Hinv, mlp_kept)
+                levels = mlp_levels(W, Hinv, mlp_kept, max_steps=obs_steps)
                 width = 1
             full = full_removal_loss(W, Hd)
             for level in levels.values():
@@ -272,28 +275,28 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
     residual = ResidualNorms(model)
     try:
         run_sequential(model, input_ids, step, hessians="full", options=options,
-                       run_id=f"ziplm database {mlp_kept} {dampening}")
+                       run_id=f"ziplm database {mlp_kept} {dampening}" + (f" {obs_steps}" if obs_steps != 2048 else ""))
     finally:
         residual.remove()
     for layer, value in residual.medians().items():
         if layer in layers:
             layers[layer].scale = max(value, 1e-12)
     return LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
-                                        "calibration_tokens": int(input_ids.numel())})
+                                        "calibration_tokens": int(input_ids.numel()), "obs_steps": obs_steps})
 
 
 
-def reusable_database(owner: Any, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float
-                      ) -> LevelDatabase | None:
-    """``owner.ziplm_database`` if it was built from these very windows with this grid and dampening, else None
-    (ZipLM and EvoPress's structure search share one database per session)."""
+def reusable_database(owner: Any, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float,
+                      obs_steps: int = 2048) -> LevelDatabase | None:
+    """``owner.ziplm_database`` if it was built from these very windows with this grid, dampening and OBS steps,
+    else None (ZipLM and EvoPress's structure search share one database per session)."""
     cached = getattr(owner, "_ziplm_key", None)
-    if cached is not None and cached[0] is input_ids and cached[1] == (tuple(sorted(mlp_kept)), dampening):
+    if cached is not None and cached[0] is input_ids and cached[1] == (tuple(sorted(mlp_kept)), dampening, obs_steps):
         return owner.ziplm_database
     return None
 
 
 def keep_database(owner: Any, input_ids: torch.Tensor, database: LevelDatabase, *, mlp_kept: list[int],
-                  dampening: float) -> None:
-    """Remember ``database`` on ``owner`` for the next run with the same windows, grid and dampening."""
-    owner.ziplm_database, owner._ziplm_key = database, (input_ids, (tuple(sorted(mlp_kept)), dampening))
+                  dampening: float, obs_steps: int = 2048) -> None:
+    """Remember ``database`` on ``owner`` for the next run with the same windows, grid, dampening and steps."""
+    owner.ziplm_database, owner._ziplm_key = database, (input_ids, (tuple(sorted(mlp_kept)), dampening, obs_steps))

@@ -58,13 +58,15 @@ class FinetuneConfig(ConfigBase):
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "method": {"latency": {"seq_len": 64}, "latency_mlp_levels": 8, "latency_repeats": 5,
-                   "search_iterations": 8, "search_samples": 2, "probe_samples": 0, "speedup_rounds": 3},
+                   "search_iterations": 8, "search_samples": 2, "probe_samples": 0, "speedup_rounds": 3,
+                   "database_steps": 128},
         "run": {"num_samples": 16, "seq_len": 256},
     },
 }
 """Named defaults: ``method`` fields of ZipLMConfig and ``run`` fields of RunConfig."""
 FAST_SUMMARY = ("16 calibration windows of 256 tokens, a latency table of 8 FFN widths timed 5 times at 64 "
-                "tokens, no sensitivity probes, 8 refinement steps on 2 windows, 3 timing rounds per speedup")
+                "tokens, 128 OBS steps per FFN, no sensitivity probes, 8 refinement steps on 2 windows, 3 timing "
+                "rounds per speedup")
 
 
 @dataclass
@@ -93,6 +95,8 @@ class ZipLMConfig(MethodConfig):
     strict: bool = option(False, "raise SpeedupMissError instead of warning when the measured speedup still misses "
                                  "a target by more than speedup_tolerance after re-aiming")
     dampening: float = option(0.01, "Hessian dampening, as a fraction of the mean diagonal")
+    database_steps: int = option(2048, "greedy OBS steps per FFN in the level database (a wider FFN removes "
+                                       "several least-loss neurons per step); fewer steps build it faster")
     finetune: Any = option(None, "gradual ZipLM: a FinetuneConfig or its fields (train_dataset, max_steps, stages, "
                                  "...); None: one-shot", nested="optimum_prune.methods.ziplm.config:FinetuneConfig",
                            prefix="finetune-")
@@ -143,7 +147,7 @@ class ZipLMConfig(MethodConfig):
                               f"batch_size, seq_len, mode, threads), got {self.latency!r}")
         self.finetune = FinetuneConfig.of(self.finetune)
         check_positive(self, "dampening", integer=False)
-        check_positive(self, "latency_repeats", "speedup_rounds")
+        check_positive(self, "latency_repeats", "speedup_rounds", "database_steps")
         if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ConfigError(f"probe_samples must be an integer >= 0, got {self.probe_samples!r}")
         if self.latency_mlp_levels is not None:

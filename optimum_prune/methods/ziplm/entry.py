@@ -40,8 +40,8 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     targets = config.targets
     start = time.perf_counter()
     if config.finetune is None:  # gradual runs say their training time through the Trainer
-        say(estimate_ziplm(session.model, config, options, table_known=_table_known(session.model, config,
-                                                                                    options)), logger)
+        known = _table_known(session.model, config, options)
+        say(estimate_ziplm(session.model, config, options, table_known=known), logger, config.preset)
     table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
                                   progress=options.progress, remeasure=config.remeasure_latency,
                                   mlp_levels=config.latency_mlp_levels, repeats=config.latency_repeats)
@@ -51,6 +51,7 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     env = table.environment
     settings = ZipLMSettings(search_iterations=config.search_iterations, search_samples=config.search_samples,
                              probe_samples=config.probe_samples, dampening=config.dampening, seed=options.seed,
+                             obs_steps=config.database_steps,
                              speedup_tolerance=config.speedup_tolerance)
     timings: dict[int, SpeedupMeasurement] = {}
 
@@ -64,11 +65,13 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
         database = None
     else:
         grid = sorted(table.mlp)
-        reuse = reusable_database(session, ids, mlp_kept=grid, dampening=settings.dampening)
+        reuse = reusable_database(session, ids, mlp_kept=grid, dampening=settings.dampening,
+                                  obs_steps=settings.obs_steps)
         outcomes, database = run_ziplm(session.model, ids, targets, table, settings=settings,
                                        options=options.sequential("ZipLM"), database=reuse,
                                        measure=speedup_of if config.measure_speedup else None)
-        keep_database(session, ids, database, mlp_kept=grid, dampening=settings.dampening)
+        keep_database(session, ids, database, mlp_kept=grid, dampening=settings.dampening,
+                      obs_steps=settings.obs_steps)
     family = ZipLMFamily()
     for target, outcome in outcomes.items():
         member = session.spawn(outcome.model)

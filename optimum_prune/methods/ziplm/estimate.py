@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ...evaluation.models import max_positions
 from ...modeling.adapters import get_adapter
 
 # Costs relative to a plain forward of the same tokens, from runs of SmolLM2-135M on 2 CPU cores.
@@ -71,13 +72,17 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
     dims = get_adapter(model).dims(model.config)
     layers = dims.num_layers
     targets = len(config.targets)
-    t_window = window_seconds or _forward_seconds(model, options.seq_len)  # one calibration window
+    calibration = options.calibration
+    given = isinstance(calibration, torch.Tensor) and calibration.dim() == 2  # token ids: their own shape
+    samples, seq_len = tuple(calibration.shape) if given else (options.num_samples, options.seq_len)
+    probe_len = min(seq_len, max_positions(model) or seq_len)
+    t_window = window_seconds or _forward_seconds(model, probe_len) * seq_len / probe_len  # one calibration window
     n_params = sum(p.numel() for p in model.parameters())
-    flop_rate = 2 * n_params * options.seq_len / t_window
+    flop_rate = 2 * n_params * seq_len / t_window
 
     env = dict(config.latency or {})
     env_tokens = env.get("batch_size", 1) * env.get("seq_len", 512)
-    t_env = t_window * env_tokens / options.seq_len  # one timed forward in the latency environment
+    t_env = t_window * env_tokens / seq_len  # one timed forward in the latency environment
     repeats = config.latency_repeats
     warmup = 3
     if table_known:
@@ -90,9 +95,9 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
         database = 0.0
     else:
         F, d = dims.intermediate_size, dims.hidden_size
-        steps = min(F, 2048)
+        steps = min(F, config.database_steps)
         obs_flops = layers * 2 * steps * (F * F + d * F)
-        database = options.num_samples * t_window * HOOKED_PASS + obs_flops / (flop_rate * OBS_FLOP_RATE)
+        database = samples * t_window * HOOKED_PASS + obs_flops / (flop_rate * OBS_FLOP_RATE)
     probes = 2 * layers * config.probe_samples + config.probe_samples
     scored = config.search_iterations * config.search_samples + 4 * config.search_samples
     search = (probes + targets * scored) * t_window
@@ -103,12 +108,15 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
     return ZipLMEstimate(table, database, search, measure, t_window)
 
 
-def say(estimate: ZipLMEstimate, logger: Any) -> None:
-    """Log the estimate: a warning (seen without -v) when it is a minute or more, naming the faster preset."""
+def say(estimate: ZipLMEstimate, logger: Any, preset: str | None = None) -> None:
+    """Log the estimate: a warning (seen without -v) when it is a minute or more, naming the fast preset
+    when it is not in use."""
     text = estimate.describe()
-    if estimate.total_s >= 60:
+    if estimate.total_s < 60:
+        logger.info(text)
+    elif preset is None:
         logger.warning("%s. preset='fast' (--preset fast) sizes a first try to minutes", text)
     else:
-        logger.info(text)
+        logger.warning(text)
 
 

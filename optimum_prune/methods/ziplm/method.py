@@ -44,6 +44,8 @@ class ZipLMSettings:
     speedup_tolerance: float = 0.03
     """With a measuring function: re-aim while the measured speedup misses the target by more than this."""
     max_corrections: int = 3
+    obs_steps: int = 2048
+    """Greedy OBS steps per FFN in the level database (wider FFNs remove several neurons per step)."""
 
 
 @dataclass
@@ -79,7 +81,7 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
     check_targets(targets, table)  # before the (long) database pass
     if database is None:
         database = build_database(model, input_ids, mlp_kept=sorted(table.mlp), dampening=settings.dampening,
-                                  options=options)
+                                  options=options, obs_steps=settings.obs_steps)
     items = items_from(database, table)
     low, high = reachable_range(table)
     stitcher = Stitcher(model, database)
