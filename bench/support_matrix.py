@@ -4,6 +4,7 @@
     python bench/support_matrix.py                     # runs the feature tests below (~10 min on 2 cores)
     python bench/support_matrix.py --from results.json # renders a run made with OPTIMUM_PRUNE_TEST_RESULTS set:
     OPTIMUM_PRUNE_TEST_RESULTS=results.json pytest tests/   # (tests/conftest.py records every outcome)
+    python bench/support_matrix.py --from full.json rerun.json  # a later file's outcome replaces the same test's
 
 A cell counts the tests of that feature that ran with that family (the zoo's tiny random model,
 tests/zoo.py) and says whether all passed. Nothing is written by hand: a family a feature's tests do
@@ -122,20 +123,25 @@ def render(records: list[dict], source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="source", help="a results JSON written with OPTIMUM_PRUNE_TEST_RESULTS set")
+    parser.add_argument("--from", dest="source", nargs="+",
+                        help="results JSON(s) written with OPTIMUM_PRUNE_TEST_RESULTS set; later ones win per test")
     parser.add_argument("--output", default=str(DOC))
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = OUT / "results.json"
     if args.source:
-        records = json.loads(Path(args.source).read_text())
-        source = f"`{Path(args.source).name}`"
+        by_test: dict[str, dict] = {}
+        for path in args.source:
+            by_test.update({r["nodeid"]: r for r in json.loads(Path(path).read_text())})
+        records = list(by_test.values())
+        source = " then ".join(f"`{Path(p).name}`" for p in args.source)
     else:
         code = run_tests(results)
         records = json.loads(results.read_text())
         source = "the feature tests listed below" + ("" if code == 0 else f" (pytest exit code {code})")
-    if args.source:
-        results.write_text(json.dumps(records, indent=1))
+    if args.source:  # keep the outcomes behind the matrix, not the whole suite's
+        wanted = {spec.split("::")[1] for _, specs in FEATURES.values() for spec in specs}
+        results.write_text(json.dumps([r for r in records if r["test"] in wanted], indent=1))
     Path(args.output).write_text(render(records, source))
     print(f"wrote {args.output}")
 

@@ -25,7 +25,8 @@ def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         properties = dict(report.user_properties)
         _RESULTS.append({"nodeid": report.nodeid, "test": report.nodeid.split("::")[-1].split("[")[0],
-                         "outcome": report.outcome, "family": properties.get("family"),
+                         "outcome": report.outcome, "seconds": round(report.duration, 3),
+                         "family": properties.get("family"),
                          "family_outcomes": properties.get("family_outcomes")})
 
 
