@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .methods.lazy import lazy_exports
+from .lazy import lazy_exports
 from .registration import install as _install_registration
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ ZipLM's latency tables live in ``optimum_prune.evaluation.latency_table``.
 
 from __future__ import annotations
 
-from ..methods.lazy import lazy_exports
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DATASETS": "text", "DatasetUnavailableError": "text", "read_text": "text", "tokenize_text": "text",

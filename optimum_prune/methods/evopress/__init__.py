@@ -4,7 +4,7 @@ Public API: ``EvoPressConfig`` / ``EvoPressBitsConfig`` (settings), ``run`` / ``
 ``EvoPressSettings`` (the search itself) and ``search_depth`` (the depth search LayerChop can use).
 """
 
-from ..lazy import lazy_exports
+from ...lazy import lazy_exports
 
 __getattr__ = lazy_exports(__name__, {
     "EvoPressConfig": "config", "EvoPressBitsConfig": "config", "EvoPressSettings": "config",

@@ -5,7 +5,7 @@ per target). Latency tables live in ``optimum_prune.evaluation``; the level data
 ``optimum_prune.engine.structure`` (EvoPress's structure target uses them too).
 """
 
-from ..lazy import lazy_exports
+from ...lazy import lazy_exports
 
 __getattr__ = lazy_exports(__name__, {
     "ZipLMConfig": "config", "FinetuneConfig": "config", "run": "entry", "ZipLMFamily": "family",
