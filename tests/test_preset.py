@@ -37,6 +37,8 @@ def test_unknown_preset_and_bad_table_settings_fail_on_construction():
         ZipLMConfig(target_speedup=1.25, latency_repeats=0)
     with pytest.raises(ConfigError, match="latency_mlp_levels"):
         ZipLMConfig(target_speedup=1.25, latency_mlp_levels=-2)
+    with pytest.raises(ConfigError, match="not a file"):
+        ZipLMConfig(target_speedup=1.25, latency_table="/nonexistent/table.json")
 
 
 def test_cli_fast_preset_prints_before_after_estimate_and_reload(tmp_path, capsys):

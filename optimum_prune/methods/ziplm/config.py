@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -145,6 +146,9 @@ class ZipLMConfig(MethodConfig):
         if self.latency is not None and not isinstance(self.latency, dict) and not hasattr(self.latency, "key"):
             raise ConfigError("latency must be an InferenceEnvironment or a dict of its fields (device, dtype, "
                               f"batch_size, seq_len, mode, threads), got {self.latency!r}")
+        if isinstance(self.latency_table, (str, os.PathLike)) and not os.path.isfile(self.latency_table):
+            raise ConfigError(f"latency_table {os.fspath(self.latency_table)!r} is not a file: give the JSON that "
+                              "`optimum-prune latency --output ...` wrote, or leave it out to measure one here")
         self.finetune = FinetuneConfig.of(self.finetune)
         check_positive(self, "dampening", integer=False)
         check_positive(self, "latency_repeats", "speedup_rounds", "database_steps")
