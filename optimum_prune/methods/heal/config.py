@@ -28,6 +28,11 @@ class HealConfig(MethodConfig):
     distill_from: Any = option(None, "the dense model (or its Pruner, or a path / Hub id) to distill from instead "
                                      "of the plain LM loss")
     alpha: float = option(None, "weight of the distillation loss (default 1 with distill_from, else 0)")
+    teacher_cache: Any = option(None, "with distill_from: a directory for the teacher's logits on the training "
+                                      "windows, computed once and reused (then a step runs the student only); "
+                                      "a cache of another teacher or other windows is refused")
+    teacher_top_k: int = option(100, "with teacher_cache: keep the teacher's top-k logits and log-sum-exp per "
+                                     "token (docs/healing.md); 0 keeps the full log-probs (vocab floats per token)")
     output_dir: Any = option(None, "keep Trainer checkpoints here (every save_steps)", aliases=("--checkpoint-dir",))
     save_steps: int = option(None, "with output_dir: steps between checkpoints (default 500)")
     resume_from_checkpoint: Any = option(None, "True: continue from the last checkpoint in output_dir; or a "
@@ -44,6 +49,11 @@ class HealConfig(MethodConfig):
         check_positive(self, "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len")
         check_positive(self, "learning_rate", integer=False)
         self.training_args = dict(self.training_args or {})
+        if self.teacher_cache is not None and self.distill_from is None:
+            raise ConfigError("teacher_cache keeps the logits of the model you distill from: pass distill_from= "
+                              "(the dense model), or drop teacher_cache")
+        if self.teacher_top_k is not None and self.teacher_top_k < 0:
+            raise ConfigError(f"teacher_top_k must be >= 0 (0: full log-probs), got {self.teacher_top_k}")
 
     def trainer_arguments(self) -> dict[str, Any]:
         """The TrainingArguments beyond the named ones: only what differs from the Trainer's defaults."""

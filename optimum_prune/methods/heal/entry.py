@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...calibration import load_calibration
+from ...teacher_cache import build_teacher_cache
 from ..base import RunConfig
 from . import training
 from .config import HealConfig
@@ -23,6 +24,10 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
         args.get("gradient_accumulation_steps", 1)
     train_ids, data_info = load_calibration(config.train_dataset, session.tokenizer, seq_len=config.seq_len,
                                             seed=config.seed, num_samples=num_samples)
+    if config.teacher_cache is not None and alpha > 0:
+        args["teacher_cache"] = build_teacher_cache(teacher, train_ids, config.teacher_cache,
+                                                    tokenizer=session.tokenizer, top_k=config.teacher_top_k or None,
+                                                    batch_size=config.per_device_train_batch_size)
     masks = training.sparsity_masks(session.model) if training.keeps_zeros(session.pruning_config) else None
     metrics = training.heal(session.model, train_ids, max_steps=config.max_steps, learning_rate=config.learning_rate,
                             per_device_train_batch_size=config.per_device_train_batch_size, teacher=teacher,
