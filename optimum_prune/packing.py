@@ -51,13 +51,17 @@ def quantization_config(model: nn.Module, records: dict[str, QuantRecord]) -> An
     return QuantizationConfig(config_groups=groups, ignore=ignore, format=FORMAT, quantization_status="compressed")
 
 
-def packed_state_dict(model: nn.Module, records: dict[str, QuantRecord]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized weight replaced by its packed codes, scales and zero points."""
+def packed_state_dict(model: nn.Module, records: dict[str, QuantRecord],
+                      state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (or the part ``state`` of it) with each quantized weight replaced by its packed
+    codes, scales and zero points."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     modules = dict(model.named_modules())
     for name, record in records.items():
+        if f"{name}.weight" not in state:
+            continue
         module = modules[name]
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name} is a {type(module).__name__}; compressed-tensors packs nn.Linear weights only")
@@ -74,10 +78,15 @@ def packed_state_dict(model: nn.Module, records: dict[str, QuantRecord]) -> dict
 def save_packed(model: nn.Module, directory: str | os.PathLike, records: dict[str, QuantRecord],
                 **kwargs: Any) -> None:
     """``model.save_pretrained`` with packed low-bit weights and the compressed-tensors quantization_config."""
-    import compressed_tensors
-
     check_packable(model, records)
     model.save_pretrained(directory, state_dict=packed_state_dict(model, records), **kwargs)
+    write_quantization_config(model, directory, records)
+
+
+def write_quantization_config(model: nn.Module, directory: str | os.PathLike, records: dict[str, QuantRecord]) -> None:
+    """Add the compressed-tensors ``quantization_config`` to the config.json in ``directory``."""
+    import compressed_tensors
+
     qconfig = quantization_config(model, records).model_dump(exclude={"quant_method"})
     path = os.path.join(directory, "config.json")
     with open(path, encoding="utf-8") as f:

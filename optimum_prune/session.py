@@ -31,6 +31,9 @@ from .saving import atomic_directory
 logger = logging.get_logger(__name__)
 
 RunOptions = RunConfig
+
+STREAMABLE = frozenset({"sparsegpt", "wanda", "magnitude", "gptq"})
+"""The methods that run on a model loaded with ``max_memory`` (its blocks streamed from disk one at a time)."""
 """The former name of ``RunConfig``."""
 
 
@@ -58,13 +61,22 @@ class CompressionSession:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, gguf_file: str | None = None, task: str | None = None,
-                        **kwargs: Any):
+                        max_memory: int | str | None = None, **kwargs: Any):
         """Load from a Hub id, a directory, a ``.gguf`` file (``gguf_file=``) or an embedded name ("smollm2").
+
+        ``max_memory`` ("1GB"): a local safetensors checkpoint larger than this stays on disk and SparseGPT /
+        Wanda / magnitude / GPTQ stream it one block at a time (docs/scale.md); a smaller one loads as usual.
 
         ``task`` picks the head ("causal-lm", "masked-lm", "sequence-classification",
         "feature-extraction", ...); by default it follows ``config.architectures``. Other keyword
         arguments go to transformers' ``from_pretrained`` (``revision``, ``dtype``, ``token`` ...).
         """
+        if max_memory is not None:  # weights beyond the budget stay on disk, one block resident at a time
+            from .engine.streaming import load_within
+
+            loaded = load_within(name_or_path, max_memory, task=task, **kwargs)
+            if loaded is not None:
+                return cls(*loaded[:2], base_model=loaded[2])
         model, tokenizer, base_model = load_model(name_or_path, gguf_file=gguf_file, task=task, **kwargs)
         from .export.vocab import remember_gguf_source  # a GGUF export copies that file's tokenizer
 
@@ -82,6 +94,10 @@ class CompressionSession:
     def run_method(self, config: MethodConfig, run: RunConfig | None = None) -> Any:
         """Run one method config on this session's model and record it as a recipe stage."""
         spec = REGISTRY.get(config.name)
+        if getattr(self.model, "_block_stream", None) is not None and config.name not in STREAMABLE:
+            raise ConfigError(f"{config.name} needs the whole model in memory; this one was loaded with max_memory "
+                              f"and streams its blocks, which {', '.join(sorted(STREAMABLE))} support: load it "
+                              "without max_memory")
         if self.records:
             raise RuntimeError("this model is already quantized; start from the dense model (quantization is the "
                                "last step)")
@@ -278,7 +294,11 @@ class CompressionSession:
         self.model_card(repo_id).save(os.path.join(directory, "README.md"))
 
     def _save_weights(self, directory: Path, **kwargs: Any) -> None:
-        if self.records:
+        if getattr(self.model, "_block_stream", None) is not None:  # block by block: shards and work directory
+            from .engine.streaming import save_streamed
+
+            save_streamed(self.model, directory, get_adapter(self.model).layers(self.model), self.records)
+        elif self.records:
             from .packing import save_packed
 
             save_packed(self.model, directory, self.records, **kwargs)

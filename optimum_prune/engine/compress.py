@@ -15,6 +15,7 @@ from .finite import check_finite_weights
 from .obs import CompressedWeight, HessianError, PruneSpec, compress_weight
 from .quant import QuantSpec
 from .sequential import SequentialOptions, SequentialResult, run_sequential
+from .streaming import resident
 
 logger = logging.get_logger(__name__)
 
@@ -169,7 +170,9 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor | None, plan: Compr
         adapter = get_adapter(model)
         stats = []
         for layer, block in zip(original_layer_indices(model), adapter.layers(model)):
-            stats.append({"layer": layer, **step(layer, block, linear_groups(adapter, block), {})})
+            with resident(model, block, changed=True):  # a streamed model's block is read, pruned, written back
+                check_finite_weights(block)
+                stats.append({"layer": layer, **step(layer, block, linear_groups(adapter, block), {})})
         return CompressionResult(stats, step.quantized, 0.0)
     if input_ids is None:
         raise ValueError(f"{plan.method or 'GPTQ'} needs calibration data")

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..modeling.adapters import ArchitectureAdapter, get_adapter, get_module
 from ..modeling.surgery import current_structure
+from .streaming import resident
 
 
 @dataclass
@@ -86,9 +87,10 @@ def zero_fraction(model: nn.Module) -> float:
     adapter = get_adapter(model)
     zeros = total = 0
     for block in adapter.layers(model):
-        for group in linear_groups(adapter, block):
-            for module in group.modules:
-                w = get_weight(module)
-                zeros += int((w == 0).sum())
-                total += w.numel()
+        with resident(model, block):  # a streamed model's blocks are read one at a time
+            for group in linear_groups(adapter, block):
+                for module in group.modules:
+                    w = get_weight(module)
+                    zeros += int((w == 0).sum())
+                    total += w.numel()
     return zeros / max(total, 1)

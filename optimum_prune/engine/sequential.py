@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint, run_fingerprint
 from .finite import check_finite_weights, finite_hessians
 from .hessian import capture_hessians
 from .layers import LinearGroup, linear_groups, original_layer_indices
+from .streaming import BlockStream, block_stream, resident_stem
 
 logger = logging.get_logger(__name__)
 
@@ -135,6 +136,9 @@ def run_sequential(
     """
     check_finite_weights(model)  # NaN/inf weights are named before any work (or checkpoint file)
     options = options or SequentialOptions()
+    if block_stream(model) is not None and options.checkpoint_dir:
+        raise ValueError("a streamed model (loaded with max_memory) keeps its compressed blocks in its own work "
+                         "directory; run it without checkpoint_dir")
     device = torch.device(options.device) if options.device is not None else default_device()
     store = torch.device(options.offload_device)
     start = time.perf_counter()
@@ -163,7 +167,9 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
         result.resumed_from = first
         logger.warning("resuming from %s: blocks 0-%d already compressed", options.checkpoint_dir, first - 1)
 
-    records = capture_block_inputs(model, input_ids, options.batch_size, store)
+    stream = block_stream(model)
+    with resident_stem(model, layers):  # a streamed model's embeddings are real only for the capture
+        records = capture_block_inputs(model, input_ids, options.batch_size, store)
     hidden = [h for h, _, _ in records]
     kwargs = [(a, k) for _, a, k in records]
     if first:
@@ -173,12 +179,13 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
                unit="block")
     for index in range(first, len(layers)):
         block = layers[index]
+        block_start = time.perf_counter()
+        read_only = not getattr(compress, "modifies_weights", True)
+        prefix = _stream_in(model, stream, block)
         onload = _onload(block, device)
         groups = linear_groups(adapter, block)
-        block_start = time.perf_counter()
         H: dict[str, torch.Tensor] = {}
         outputs: list[torch.Tensor] | None = None
-        read_only = not getattr(compress, "modifies_weights", True)
         if hessians and groups:
             kept: list[torch.Tensor] = []
             with capture_hessians(groups, device, diagonal_only=hessians == "diag") as accs:
@@ -197,6 +204,8 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
         hidden = outputs
         del outputs
         _offload(block, onload)
+        if stream is not None:  # the compressed block waits on disk; only the next one will be resident
+            stream.store(block, prefix, changed=not read_only, tag=f"block_{originals[index]:05d}")
         stats = {"layer": originals[index], "seconds": round(time.perf_counter() - block_start, 3), **stats}
         result.stats.append(stats)
         if ckpt is not None:
@@ -209,6 +218,16 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
         ckpt.remove()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _stream_in(model: nn.Module, stream: BlockStream | None, block: nn.Module) -> str:
+    """Read a streamed block's weights from disk (and check them); returns its name prefix."""
+    if stream is None:
+        return ""
+    prefix = next(f"{name}." for name, m in model.named_modules() if m is block)
+    stream.load(block, prefix)
+    check_finite_weights(block)  # a streamed model's weights are only seen now
+    return prefix
 
 
 def _export(compress: BlockFn, layer: int) -> dict[str, torch.Tensor]:

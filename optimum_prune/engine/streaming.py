@@ -1,0 +1,337 @@
+"""Block streaming: compress a model whose weights stay in their safetensors shards, one block resident at a time.
+
+``load_streamed`` builds the model on the meta device (accelerate's ``init_empty_weights``; non-persistent
+buffers such as rotary frequencies are computed as usual) and attaches a ``BlockStream``. The sequential
+loop asks the stream for each block before its turn (``load``: read from the shards, or from the work
+directory once compressed) and hands it back after (``store``: a changed block is written to the work
+directory, then every tensor returns to meta). The embeddings are resident only while block 0's inputs are
+captured. ``save_streamed`` writes a sharded checkpoint block by block. Peak memory is one block, its
+Hessians and the calibration activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..saving import atomic_write
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+class StreamingError(ValueError):
+    """A model that cannot be streamed (no safetensors shards, a budget below one block); says what to do."""
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes of a memory budget: an int, or a string such as "1GB", "800MiB", "2.5 GB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)\s*", str(value), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise StreamingError(f"max_memory={value!r} is not a memory size: use bytes or a string like '1GB' or '800MiB'")
+    unit = match.group(2).upper()
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def shard_files(directory: str | os.PathLike) -> dict[str, str] | None:
+    """{tensor key: shard file name} of a safetensors checkpoint directory, or None when it has none."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        return dict(json.loads((directory / INDEX).read_text())["weight_map"])
+    if (directory / SINGLE).is_file():
+        with safe_open(str(directory / SINGLE), framework="pt") as f:
+            return {key: SINGLE for key in f.keys()}
+    return None
+
+
+def checkpoint_bytes(directory: str | os.PathLike) -> int | None:
+    """Total bytes of a directory's safetensors weight files (None when it has none)."""
+    files = shard_files(directory)
+    if files is None:
+        return None
+    return sum(os.path.getsize(Path(directory) / name) for name in set(files.values()))
+
+
+@dataclass
+class BlockStream:
+    """Where each tensor of a streamed model lives: the source shards, or the work directory once changed."""
+
+    source: Path
+    files: dict[str, str]
+    work: Path
+    written: dict[str, Path] = field(default_factory=dict)
+    _owns_work: bool = False
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, work_dir: str | os.PathLike | None = None) -> "BlockStream":
+        files = shard_files(directory)
+        if files is None:
+            raise StreamingError(f"{directory} has no safetensors weights ({SINGLE} or {INDEX}); streaming reads "
+                                 "blocks from safetensors shards: re-save the model with save_pretrained")
+        owns = work_dir is None
+        work = Path(tempfile.mkdtemp(prefix="optimum-prune-stream-") if owns else work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(Path(directory), files, work, _owns_work=owns)
+
+    def _location(self, key: str) -> Path:
+        if key in self.written:
+            return self.written[key]
+        if key not in self.files:
+            raise StreamingError(f"the checkpoint at {self.source} has no tensor {key!r}")
+        return self.source / self.files[key]
+
+    def load(self, module: nn.Module, prefix: str, device: str | torch.device = "cpu") -> None:
+        """Make ``module``'s streamed tensors (full names ``prefix.name``) real on ``device``."""
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name in self._names(module, prefix):
+            by_file.setdefault(self._location(f"{prefix}{name}"), []).append((name, f"{prefix}{name}"))
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:  # the mapping closes with the file
+                for name, key in names:
+                    tensor = f.get_tensor(key)
+                    set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
+
+    def store(self, module: nn.Module, prefix: str, *, changed: bool, tag: str) -> None:
+        """Return ``module``'s streamed tensors to meta, first writing them to the work directory when ``changed``."""
+        names = self._names(module, prefix, resident=True)
+        if changed:
+            state = {f"{prefix}{n}": _tensor(module, n).detach().to("cpu").contiguous() for n in names}
+            target = self.work / f"{tag}.safetensors"
+            atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+            self.written.update({key: target for key in state})
+            del state
+        for name in names:
+            set_module_tensor_to_device(module, name, "meta")
+
+    def _names(self, module: nn.Module, prefix: str, resident: bool = False) -> list[str]:
+        """Names (relative to ``module``) of its parameters and buffers the checkpoint holds."""
+        out = []
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            key = f"{prefix}{name}"
+            if (key in self.files or key in self.written) and (not resident or tensor.device.type != "meta"):
+                out.append(name)
+        return out
+
+    def close(self) -> None:
+        """Remove the work directory when the stream made it."""
+        if self._owns_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def block_stream(model: nn.Module) -> BlockStream | None:
+    """The stream of a model loaded by ``load_streamed`` (None for an ordinary model)."""
+    return getattr(model, "_block_stream", None)
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    if module is model:
+        return ""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{name}."
+    raise ValueError("the module is not part of the model")
+
+
+@contextmanager
+def resident(model: nn.Module, module: nn.Module, *, changed: bool = False) -> Iterator[nn.Module]:
+    """``module`` of a streamed ``model`` with its weights real for the duration (a no-op for an ordinary model)."""
+    stream = block_stream(model)
+    if stream is None:
+        yield module
+        return
+    prefix = _prefix(model, module)
+    stream.load(module, prefix)
+    try:
+        yield module
+    finally:
+        stream.store(module, prefix, changed=changed, tag=prefix.rstrip(".").replace(".", "_"))
+
+
+@contextmanager
+def resident_stem(model: nn.Module, blocks: nn.ModuleList) -> Iterator[None]:
+    """Everything of a streamed model but its blocks and its output head, real for the duration (block 0's inputs)."""
+    stream = block_stream(model)
+    if stream is None:
+        yield
+        return
+    skip = {id(m) for m in blocks.modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        skip |= {id(m) for m in head.modules()}
+    leaves = [(name, m) for name, m in model.named_modules() if id(m) not in skip]
+    for name, m in leaves:
+        _load_own(stream, m, f"{name}." if name else "")
+    try:
+        yield
+    finally:
+        for name, m in leaves:
+            _store_own(stream, m, f"{name}." if name else "")
+
+
+def _load_own(stream: BlockStream, module: nn.Module, prefix: str) -> None:
+    """Load only ``module``'s direct tensors (not its children's)."""
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        key = f"{prefix}{name}"
+        if key in stream.files or key in stream.written:
+            path = stream._location(key)
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                value = f.get_tensor(key)
+            set_module_tensor_to_device(module, name, "cpu", value=value, dtype=value.dtype)
+
+
+def _store_own(stream: BlockStream, module: nn.Module, prefix: str) -> None:
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if (f"{prefix}{name}" in stream.files or f"{prefix}{name}" in stream.written) and tensor.device.type != "meta":
+            set_module_tensor_to_device(module, name, "meta")
+
+
+def _checkpoint_dtype(directory: Path, files: dict[str, str]) -> torch.dtype:
+    """The dtype of the checkpoint's first floating tensor (what ``from_pretrained(dtype="auto")`` gives)."""
+    for key, name in files.items():
+        with safe_open(str(directory / name), framework="pt") as f:
+            dtype = f.get_slice(key).get_dtype()
+        mapping = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        if dtype in mapping:
+            return mapping[dtype]
+    return torch.float32
+
+
+def load_streamed(directory: str | os.PathLike, model_class: Any = None, *,
+                  work_dir: str | os.PathLike | None = None) -> nn.Module:
+    """The model at ``directory`` with every weight left in its safetensors shards (meta until needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    stream = BlockStream.open(directory, work_dir)
+    config = AutoConfig.from_pretrained(directory)
+    model_class = model_class or AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config, dtype=_checkpoint_dtype(directory, stream.files))
+    model.eval()
+    unknown = sorted(k for k in stream.files if k not in dict(model.state_dict()))
+    if unknown:
+        raise StreamingError(f"the checkpoint's tensors {unknown[:3]} have no place in {type(model).__name__}; "
+                             "streaming needs a checkpoint saved by transformers for this architecture")
+    model._block_stream = stream
+    return model
+
+
+def save_streamed(model: nn.Module, directory: str | os.PathLike, blocks: nn.ModuleList,
+                  records: dict[str, Any] | None = None) -> None:
+    """Write a streamed model as a sharded safetensors checkpoint (one shard per block, one per other tensor);
+    with GPTQ ``records`` each quantized weight is written packed (compressed-tensors)."""
+    from ..packing import check_packable, packed_state_dict, write_quantization_config
+
+    if records:
+        check_packable(model, records)
+    stream = block_stream(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prefixes = [_prefix(model, block) for block in blocks]
+    groups: list[list[str]] = [[k for k in stream.files if k.startswith(p)] for p in prefixes]
+    in_blocks = {k for g in groups for k in g}
+    groups += [[k] for k in stream.files if k not in in_blocks]
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        state: dict[str, torch.Tensor] = {}
+        for key in keys:
+            with safe_open(str(stream._location(key)), framework="pt", device="cpu") as f:
+                state[key] = f.get_tensor(key)
+        if records:
+            state = packed_state_dict(model, records, state)
+        save_file(state, str(directory / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in state.values())
+        weight_map.update({key: name for key in state})
+        del state
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2, sort_keys=True) + "\n")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(directory)
+    if records:
+        write_quantization_config(model, directory, records)
+
+
+def load_within(name_or_path: str, max_memory: int | str, *, task: str | None = None,
+                **kwargs: Any) -> tuple[nn.Module, Any, str | None] | None:
+    """(model, tokenizer, base_model) streamed from disk when the checkpoint exceeds ``max_memory``; None when it
+    fits (the caller loads it as usual). Fails before any weight is read when one block cannot fit."""
+    from transformers import AutoTokenizer
+
+    from ..loading import auto_class, check_local_path, infer_task
+
+    budget = parse_memory(max_memory)
+    check_local_path(name_or_path)
+    size = checkpoint_bytes(name_or_path) if os.path.isdir(name_or_path) else None
+    if size is None:
+        raise StreamingError(f"max_memory streams a local checkpoint directory with safetensors weights; "
+                             f"{name_or_path} is not one: save it with save_pretrained first (or drop max_memory)")
+    if size <= budget:
+        return None
+    unknown = sorted(set(kwargs) - {"dtype", "torch_dtype"})
+    if unknown:
+        raise StreamingError(f"{', '.join(unknown)} cannot be combined with max_memory (streamed loading)")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    model = load_streamed(name_or_path, auto_class(task or infer_task(config)))
+    need = _resident_bytes(model)
+    if need > budget:
+        raise StreamingError(f"max_memory={max_memory!r} is below what one step needs: the largest block or the "
+                             f"embeddings with their fp32 Hessians and work copy, about {_size(need)}. Give "
+                             f"max_memory='{_size(need, up=True).replace(' ', '')}' or more")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None
+    return model, tokenizer, None
+
+
+def _size(n: int, up: bool = False) -> str:
+    """``n`` bytes in MB or GB (rounded up with ``up``, so the figure given back is enough)."""
+    unit, name = (10**9, "GB") if n >= 10**9 else (10**6, "MB")
+    value = n / unit
+    return f"{(int(value * 10) + 1) / 10 if up else value:.1f} {name}"
+
+
+def _resident_bytes(model: nn.Module) -> int:
+    """Bytes the largest streamed step keeps resident: a block, its work copy and its fp32 Hessians; or the stem."""
+    from ..modeling.adapters import get_adapter
+    from .layers import linear_groups
+
+    adapter = get_adapter(model)
+    blocks = adapter.layers(model)
+    worst = 0
+    for block in blocks:
+        weights = sum(p.numel() * p.element_size() for p in block.parameters())
+        hessians = sum(4 * g.in_features ** 2 for g in linear_groups(adapter, block))
+        worst = max(worst, 2 * weights + 2 * hessians)
+    stem = sum(p.numel() * p.element_size() for p in model.get_input_embeddings().parameters())
+    return max(worst, stem)

@@ -1,0 +1,109 @@
+"""Streamed compression (max_memory): blocks read from safetensors shards one at a time give bit-identical results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import Pruner, Quantizer
+from optimum_prune.engine.compress import CompressionPlan, compress_model, uniform
+from optimum_prune.engine.layers import original_layer_indices
+from optimum_prune.engine.sequential import SequentialOptions
+from optimum_prune.engine.streaming import StreamingError, block_stream, load_streamed, parse_memory, save_streamed
+from optimum_prune.methods.base import ConfigError
+from optimum_prune.modeling.adapters import get_adapter
+
+from zoo import FAMILIES, VOCAB
+
+RUN = dict(num_samples=4, seq_len=16, batch_size=2, seed=0, progress=False)
+
+
+def _calibration() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> a checkpoint directory of its tiny model, in several safetensors shards."""
+    paths = {}
+
+    def get(family: str):
+        if family not in paths:
+            paths[family] = tmp_path_factory.mktemp(family)
+            FAMILIES[family].build().save_pretrained(paths[family], max_shard_size="20KB")
+        return paths[family]
+
+    return get
+
+
+@pytest.fixture(params=["llama-gqa", "llama-mha-tied"])
+def checkpoint(request, saved):
+    return saved(request.param)
+
+
+@pytest.fixture
+def tied(saved):
+    return saved("llama-mha-tied")
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_streamed_sparsegpt_is_bit_identical(checkpoint, tmp_path):
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    plan = CompressionPlan("sparsegpt", uniform(0.5, original_layer_indices(dense)))
+    options = SequentialOptions(batch_size=2, progress=False)
+    in_memory = compress_model(dense, _calibration(), plan, options)
+
+    streamed = load_streamed(checkpoint)
+    assert all(p.is_meta for p in get_adapter(streamed).layers(streamed).parameters())
+    result = compress_model(streamed, _calibration(), plan, options)
+    assert all(p.is_meta for p in streamed.parameters())  # nothing stays resident after the run
+    assert [s["loss"] for s in result.stats] == [s["loss"] for s in in_memory.stats]
+    save_streamed(streamed, tmp_path, get_adapter(streamed).layers(streamed))
+    _same_weights(AutoModelForCausalLM.from_pretrained(tmp_path), dense)
+
+
+def test_max_memory_through_the_pruner_and_quantizer(tied, tmp_path):
+    checkpoint = tied
+    reference = Pruner.from_pretrained(str(checkpoint))
+    reference.prune(method="sparsegpt", sparsity=0.5, calibration=_calibration(), **RUN)
+    pruner = Pruner.from_pretrained(str(checkpoint), max_memory=130_000)  # below the checkpoint's size (~150 kB)
+    assert block_stream(pruner.model) is not None
+    pruner.prune(method="sparsegpt", sparsity=0.5, calibration=_calibration(), **RUN)
+    assert pruner.metrics.sparsity == reference.metrics.sparsity
+    pruner.save_pretrained(tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["pruning_config"]["method"] == "sparsegpt"
+    _same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), reference.model)
+    with pytest.raises(ConfigError, match="whole model in memory"):
+        pruner.prune(num_layers=1)
+
+    fits = Pruner.from_pretrained(str(checkpoint), max_memory="1GB")  # fits: loads as usual
+    assert block_stream(fits.model) is None
+
+    quantized = {}
+    for budget in (None, 130_000):
+        q = Quantizer.from_pretrained(str(checkpoint), max_memory=budget)
+        q.quantize(bits=4, group_size=8, calibration=_calibration(), **RUN)
+        q.save_pretrained(tmp_path / f"gptq-{budget}")
+        quantized[budget] = AutoModelForCausalLM.from_pretrained(tmp_path / f"gptq-{budget}")
+    _same_weights(quantized[None], quantized[130_000])
+
+
+def test_budgets_fail_clearly(tied):
+    checkpoint = tied
+    assert parse_memory("1GB") == 10**9 and parse_memory("800MiB") == 800 * 2**20 and parse_memory(5) == 5
+    with pytest.raises(StreamingError, match="not a memory size"):
+        parse_memory("lots")
+    with pytest.raises(StreamingError, match="below what one step needs"):
+        Pruner.from_pretrained(str(checkpoint), max_memory=100)
+    with pytest.raises(StreamingError, match="safetensors"):
+        Pruner.from_pretrained("smollm2", max_memory="1GB")
