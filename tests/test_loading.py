@@ -56,11 +56,12 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
 
 def test_unsupported_family_says_what_it_lacks():
-    config = transformers.MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'mixtral'\): Mixture-of-Experts .* not supported yet\. "
-                                                          r"Supported model types: .*gemma3_text, olmo2, phi3, gpt_neox"):
-        Pruner(transformers.MixtralForCausalLM(config))
+    config = transformers.PhimoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'phimoe'\): no adapter describes where this "
+                                                          r"Mixture-of-Experts family .*supported MoE families: mixtral"
+                                                          r".* Supported model types: .*phi3, gpt_neox, mixtral"):
+        Pruner(transformers.PhimoeForCausalLM(config))
     with pytest.raises(UnsupportedArchitectureError, match="no architecture adapter says where this family keeps"):
         Pruner(transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)))

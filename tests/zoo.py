@@ -101,6 +101,41 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 NEW_FAMILIES = ("granite", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3", "gpt_neox")
 
+
+def _moe(**kw):
+    """6 experts of width 24, 2 picked per token; otherwise sized like the dense families."""
+    return _llama(num_experts_per_tok=2, **kw)
+
+
+# Mixture-of-Experts families (transformers 5 fused expert tensors); Qwen2-MoE adds a shared expert. Kept apart
+# from FAMILIES: their FFN neurons sit inside experts, so the dense structure tests do not apply as written.
+MOE_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("mixtral", lambda: transformers.MixtralConfig(**_moe(intermediate_size=24, num_local_experts=6)),
+           "AutoModelForCausalLM"),
+    Family("qwen2_moe", lambda: transformers.Qwen2MoeConfig(**_moe(
+        moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6, norm_topk_prob=False)),
+           "AutoModelForCausalLM"),
+    Family("qwen3_moe", lambda: transformers.Qwen3MoeConfig(**_moe(moe_intermediate_size=24, num_experts=6,
+                                                                  head_dim=8, norm_topk_prob=True)),
+           "AutoModelForCausalLM"),
+    Family("olmoe", lambda: transformers.OlmoeConfig(**_moe(intermediate_size=24, num_experts=6, eos_token_id=2,
+                                                           pad_token_id=0)), "AutoModelForCausalLM"),
+]}
+
+
+def never_routed(model: nn.Module, layer: int, expert: int) -> None:
+    """Make ``expert`` of ``layer`` unreachable: its router logit is about -1e3 x 5 for every token.
+
+    Every token's embedding gets a constant +1 in channel 0 (the random blocks barely move it), so the
+    router input's channel 0 is always positive; the expert's router row reads only that channel, negated.
+    """
+    adapter = get_adapter(model)
+    router, _ = adapter.experts.modules(adapter.layers(model)[layer])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        router.weight[expert] = 0.0
+        router.weight[expert, 0] = -1e3
+
 # Valid for 4 query heads sharing 2 KV heads: a whole KV group, and one head from each group.
 STRUCTURES: dict[str, PruningConfig] = {
     "heads": PruningConfig(remove_heads={0: [0, 1], 2: [1, 3]}),

@@ -60,6 +60,52 @@ class Projection:
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a Mixture-of-Experts sublayer keeps its router and its experts (transformers 5's fused 3-D tensors).
+
+    Paths are relative to one block. The router's ``weight`` has one row per expert; the experts module
+    holds ``gate_up`` [E, 2I, H] (each expert's gate rows, then its up rows) and ``down`` [E, H, I]; an
+    expert computes ``down[e] @ (act(gate[e] x) * up[e] x)``. Removing expert e removes index e of each.
+    """
+
+    block: str
+    """The whole MoE sublayer (router, experts, any shared expert): replaced when the sublayer is dropped."""
+    router: str
+    experts: str
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    activation: str = "act_fn"
+    """Attribute of the experts module holding the activation function."""
+    count_attributes: tuple[str, ...] = ("router.num_experts", "experts.num_experts")
+    """Attributes (``router.`` / ``experts.`` + name) recomputed to the layer's number of experts."""
+    num_experts: Callable[[Any], int] = lambda config: config.num_experts
+    experts_per_token: Callable[[Any], int] = lambda config: config.num_experts_per_tok
+
+    def modules(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(router, experts) modules of one block."""
+        return get_module(block, self.router), get_module(block, self.experts)
+
+    def expert_hidden(self, experts: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``index``'s intermediate activations (the input of its down projection) for tokens ``x``."""
+        w = getattr(experts, self.gate_up)[index]
+        gate, up = torch.nn.functional.linear(x.to(w.dtype), w).chunk(2, dim=-1)
+        return getattr(experts, self.activation)(gate) * up
+
+    def expert_output(self, experts: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``index``'s output for tokens ``x`` (before the router weight)."""
+        return torch.nn.functional.linear(self.expert_hidden(experts, index, x), getattr(experts, self.down)[index])
+
+    def set_count(self, block: nn.Module, count: int) -> None:
+        """Write the layer's number of experts wherever the router and experts modules read it."""
+        router, experts = self.modules(block)
+        for attr in self.count_attributes:
+            owner, _, name = attr.partition(".")
+            module = router if owner == "router" else experts
+            if hasattr(module, name):
+                setattr(module, name, count)
+
+
 def head_channels(positions: list[int], width: int) -> torch.Tensor:
     """Channels ``p * width ... p * width + width - 1`` of each position, in order."""
     if not positions:
@@ -82,9 +128,10 @@ class ArchitectureAdapter:
     attention_out: str
     """Projection whose INPUT columns are grouped by head (o_proj / out_proj / c_proj / output.dense)."""
     mlp_in: tuple[str, ...]
-    """Projections whose OUTPUT rows are FFN neurons."""
-    mlp_out: str
-    """Projection whose INPUT columns are FFN neurons."""
+    """Projections whose OUTPUT rows are FFN neurons (empty when the FFN is a Mixture of Experts alone)."""
+    mlp_out: str | None
+    """Projection whose INPUT columns are FFN neurons (None when the FFN is a Mixture of Experts alone; a
+    Qwen2-MoE shared expert is a dense FFN of this kind)."""
     attention_pre_norm: Callable[[Any], str | None] = lambda config: None
     """Norm that only feeds the attention (pre-LN models); removed with the attention."""
     mlp_pre_norm: Callable[[Any], str | None] = lambda config: None
@@ -112,6 +159,8 @@ class ArchitectureAdapter:
     """Config list with one entry per layer, sliced when blocks are dropped."""
     check_structure: Callable[[Any, Any], None] | None = None
     """Family-specific limits, called with (config, PruningConfig) before any weight is touched."""
+    experts: ExpertLayout | None = None
+    """Where a Mixture-of-Experts family keeps its router and experts (None: a dense family)."""
 
     # ------------------------------------------------------------------ dimensions
     def dims(self, config: Any, num_layers: int | None = None) -> ModelDims:
@@ -125,6 +174,8 @@ class ArchitectureAdapter:
             head_dim=head_dim,
             hidden_size=config.hidden_size,
             intermediate_size=self.intermediate_size(config),
+            num_experts=self.experts.num_experts(config) if self.experts else 0,
+            experts_per_token=self.experts.experts_per_token(config) if self.experts else 0,
         )
 
     # ------------------------------------------------------------------ access
@@ -136,6 +187,11 @@ class ArchitectureAdapter:
 
     def mlp_linears(self, block: nn.Module) -> tuple[list[nn.Module], nn.Module]:
         return [get_module(block, p) for p in self.mlp_in], get_module(block, self.mlp_out)
+
+    def mlp_paths(self, config: Any) -> list[str]:
+        """Everything that belongs to the FFN sublayer alone: projections, the MoE sublayer, its norms."""
+        paths = [*self.mlp_in, *([self.mlp_out] if self.mlp_out else []), *self.sublayer_norms(config, "mlp")]
+        return paths + ([self.experts.block] if self.experts else [])
 
     def sublayer_norms(self, config: Any, sublayer: str) -> list[str]:
         """Norms that belong to the "attention" or "mlp" sublayer alone (removed with it)."""

@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .adapter_base import (ArchitectureAdapter, LayerConfig, ModelDims, Projection, UnsupportedArchitectureError,
-                           get_module, head_channels, set_module)
+from .adapter_base import (ArchitectureAdapter, ExpertLayout, LayerConfig, ModelDims, Projection,
+                           UnsupportedArchitectureError, get_module, head_channels, set_module)
 from .pruning_config import PruningConfigError
 
-__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "LayerConfig", "ModelDims", "Projection",
-           "UnsupportedArchitectureError", "base_model_type", "get_adapter", "get_module", "head_channels",
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "ExpertLayout", "LayerConfig", "ModelDims",
+           "Projection", "UnsupportedArchitectureError", "base_model_type", "get_adapter", "get_module", "head_channels",
            "set_module"]
 
 
@@ -59,6 +59,21 @@ _LLAMA_STYLE = dict(
     num_kv_heads=_llama_kv,
     layer_types_key="layer_types",
 )
+
+
+def _qwen_moe_check(config: Any, structure: Any) -> None:
+    """Qwen2/3-MoE may interleave dense FFN layers (``mlp_only_layers``, ``decoder_sparse_step``): not described yet."""
+    if list(getattr(config, "mlp_only_layers", None) or []) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise PruningConfigError(
+            "this Qwen-MoE model mixes dense FFN layers with Mixture-of-Experts layers (`mlp_only_layers` / "
+            "`decoder_sparse_step`), which optimum-prune does not support yet; only models whose every layer is "
+            "a Mixture of Experts are"
+        )
+
+
+_MOE = ExpertLayout(block="mlp", router="mlp.gate", experts="mlp.experts")
+# Llama-shaped attention with a Mixture-of-Experts FFN: no dense FFN neurons, unless a shared expert.
+_LLAMA_MOE = dict(_LLAMA_STYLE, mlp_in=(), mlp_out=None, intermediate_size=lambda config: 0, experts=_MOE)
 # Gemma 2 / 3: a norm before and after each sublayer ("post_attention_layernorm" is the attention's post-norm).
 _SANDWICH = dict(_LLAMA_STYLE, mlp_pre_norm=_named("pre_feedforward_layernorm"),
                  attention_post_norm=_named("post_attention_layernorm"),
@@ -139,14 +154,32 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
         attention_pre_norm=_named("input_layernorm"),
         mlp_pre_norm=_named("post_attention_layernorm"),  # parallel residual: it feeds only the MLP
     ),
+    # Mixture of Experts (transformers 5's fused expert tensors). Qwen2-MoE's shared expert is a dense FFN that
+    # every token passes through (scaled by a sigmoid gate): its neurons are the family's FFN neurons.
+    ArchitectureAdapter(name="mixtral", model_types=("mixtral",), **_LLAMA_MOE),
+    ArchitectureAdapter(name="qwen3_moe", model_types=("qwen3_moe",),
+                        **dict(_LLAMA_MOE, check_structure=_qwen_moe_check)),
+    ArchitectureAdapter(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        **dict(_LLAMA_MOE, mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+               mlp_out="mlp.shared_expert.down_proj", check_structure=_qwen_moe_check,
+               intermediate_size=lambda config: config.shared_expert_intermediate_size),
+    ),
+    ArchitectureAdapter(
+        name="olmoe",
+        model_types=("olmoe",),
+        **dict(_LLAMA_MOE, head_norms=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "k"))),
+    ),
 )
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
-_MOE = "Mixture-of-Experts blocks (removing experts, and FFN neurons inside each expert) are not supported yet"
+_MOE_MISSING = ("no adapter describes where this Mixture-of-Experts family keeps its router and experts "
+                "(supported MoE families: mixtral, qwen2_moe, qwen3_moe, olmoe)")
 MISSING: dict[str, str] = {
-    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "granitemoeshared",
-                         "deepseek_v2", "deepseek_v3", "gpt_oss", "dbrx", "jamba")},
+    **{t: _MOE_MISSING for t in ("phimoe", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                                 "dbrx", "jamba")},
     "gemma3": "this is the multimodal Gemma 3; its language model (model_type gemma3_text, Gemma3ForCausalLM) is "
               "supported: load that alone",
 }

@@ -74,7 +74,8 @@ def check_config(config: Any, *, required: bool = True) -> PruningConfig | None:
     except PruningConfigError as err:
         raise CheckpointIntegrityError(
             f"{where} does not fit the dense model config.json describes ({n} layers, {dims.num_heads} query heads, "
-            f"{dims.intermediate_size} FFN neurons per layer): {err}. {FIX}"
+            f"{dims.intermediate_size} FFN neurons per layer"
+            + (f", {dims.num_experts} experts per layer" if dims.num_experts else "") + f"): {err}. {FIX}"
         ) from err
     return saved
 
@@ -92,8 +93,13 @@ def dense_dims(adapter: ArchitectureAdapter, config: Any, num_layers: int) -> Mo
         dims = adapter.dims(config, num_layers=num_layers)
     except (TypeError, ZeroDivisionError, AttributeError) as err:
         raise CheckpointIntegrityError(f"config.json's dimensions are not usable: {err}. {FIX}") from err
-    for name in ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size"):
+    for name in ("num_heads", "num_kv_heads", "head_dim", "hidden_size"):
         _config_int(config, name, getattr(dims, name))
+    if adapter.experts is None or dims.intermediate_size:
+        _config_int(config, "intermediate_size", dims.intermediate_size)
+    if adapter.experts is not None:
+        _config_int(config, "num_experts", dims.num_experts)
+        _config_int(config, "num_experts_per_tok", dims.experts_per_token)
     if dims.num_heads % dims.num_kv_heads:
         raise CheckpointIntegrityError(
             f"config.json has {dims.num_heads} query heads, not a multiple of its {dims.num_kv_heads} key/value "
@@ -185,6 +191,8 @@ def _locator(adapter: ArchitectureAdapter, config: Any, kept: list[int]) -> Call
     attention = [adapter.attention, adapter.attention_out, *adapter.sublayer_norms(config, "attention"),
                  *(p.path for p in adapter.attention_in)]
     mlp = [*adapter.mlp_in, adapter.mlp_out, *adapter.sublayer_norms(config, "mlp")]
+    experts = [adapter.experts.router, adapter.experts.experts] if adapter.experts else []
+    moe = [adapter.experts.block] if adapter.experts else []
 
     def under(rel: str, paths: list[str | None]) -> bool:
         return any(p and (rel == p or rel.startswith(p + ".")) for p in paths)
@@ -194,14 +202,16 @@ def _locator(adapter: ArchitectureAdapter, config: Any, kept: list[int]) -> Call
         if match is None:
             return None
         block, rel = int(match.group(1)), match.group(2)
-        sublayer = "attention" if under(rel, attention) else "mlp" if under(rel, mlp) else None
+        sublayer = ("attention" if under(rel, attention) else "mlp" if under(rel, mlp) else
+                    "experts" if under(rel, experts) else "mlp" if under(rel, moe) else None)
         return block, kept[block] if block < len(kept) else None, sublayer
 
     return locate
 
 
 _FIELDS = {"attention": ("drop_attention", "remove_heads", "query heads"),
-           "mlp": ("drop_mlp", "remove_neurons", "FFN neurons")}
+           "mlp": ("drop_mlp", "remove_neurons", "FFN neurons"),
+           "experts": ("drop_mlp", "remove_experts", "experts")}
 
 
 def _explain_missing(place: Place | None) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 
 CONFIG_KEY = "pruning_config"
 FORMAT_VERSION = 1
+_UNIT_FIELDS = ("remove_heads", "remove_neurons", "remove_experts")
+"""Per-layer index maps (layer -> original indices of heads / FFN neurons / experts)."""
 
 
 class PruningConfigError(ValueError):
@@ -70,6 +72,9 @@ class PruningConfig:
     """Layers whose MLP/FFN sublayer is removed (the residual stream passes through)."""
     drop_layers: list[int] = field(default_factory=list)
     """Whole blocks removed; the remaining blocks are renumbered 0..n-1 in the model."""
+    remove_experts: dict[int, list[int]] = field(default_factory=dict)
+    """Per Mixture-of-Experts layer, ORIGINAL expert indices removed (their router rows go with them); the
+    layer keeps the others, at least as many as the router picks per token."""
     num_original_layers: int | None = None
     """Depth of the dense model; filled in when the config is applied."""
 
@@ -91,12 +96,13 @@ class PruningConfig:
     def __post_init__(self) -> None:
         self.remove_heads = _int_key_map("remove_heads", self.remove_heads)
         self.remove_neurons = _int_key_map("remove_neurons", self.remove_neurons)
+        self.remove_experts = _int_key_map("remove_experts", self.remove_experts)
         self.drop_attention = _int_list("drop_attention", self.drop_attention)
         self.drop_mlp = _int_list("drop_mlp", self.drop_mlp)
         self.drop_layers = _int_list("drop_layers", self.drop_layers)
         if self.num_original_layers is not None:
             self.num_original_layers = _as_int("num_original_layers", self.num_original_layers)
-        for name in ("remove_heads", "remove_neurons"):
+        for name in _UNIT_FIELDS:
             mapping = getattr(self, name)
             setattr(self, name, {k: v for k, v in mapping.items() if v})
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
@@ -111,6 +117,7 @@ class PruningConfig:
         data = asdict(self)
         data["remove_heads"] = {str(k): list(v) for k, v in self.remove_heads.items()}
         data["remove_neurons"] = {str(k): list(v) for k, v in self.remove_neurons.items()}
+        data["remove_experts"] = {str(k): list(v) for k, v in self.remove_experts.items()}
         return copy.deepcopy(data)
 
     def to_json_string(self, indent: int | None = 2) -> str:
@@ -165,7 +172,8 @@ class PruningConfig:
     @property
     def is_structured(self) -> bool:
         """True when anything other than whole blocks was removed (needs the pruned model classes)."""
-        return bool(self.remove_heads or self.remove_neurons or self.drop_attention or self.drop_mlp)
+        return bool(self.remove_heads or self.remove_neurons or self.remove_experts or self.drop_attention
+                    or self.drop_mlp)
 
     @property
     def is_empty(self) -> bool:
@@ -186,13 +194,14 @@ class PruningConfig:
             drop_attention=self.drop_attention,
             drop_mlp=self.drop_mlp,
             drop_layers=self.drop_layers,
+            remove_experts=self.remove_experts,
             num_original_layers=self.num_original_layers,
         )
 
     def merge(self, other: PruningConfig) -> PruningConfig:
         """Union of two configs' removals (both in original indices); provenance from ``other`` wins when set."""
         merged = copy.deepcopy(self)
-        for name in ("remove_heads", "remove_neurons"):
+        for name in _UNIT_FIELDS:
             mine = dict(getattr(merged, name))
             for layer, idx in getattr(other, name).items():
                 mine[layer] = sorted(set(mine.get(layer, [])) | set(idx))
@@ -206,7 +215,7 @@ class PruningConfig:
                     f"{other.num_original_layers} layers"
                 )
             merged.num_original_layers = other.num_original_layers
-        structural = {"remove_heads", "remove_neurons", "drop_attention", "drop_mlp", "drop_layers",
+        structural = {*_UNIT_FIELDS, "drop_attention", "drop_mlp", "drop_layers",
                       "num_original_layers", "format_version"}
         for f in fields(self):
             if f.name not in structural and getattr(other, f.name) is not None:
@@ -226,7 +235,7 @@ class PruningConfig:
                 f"`num_original_layers` is {self.num_original_layers} but the model has {n} layers"
             )
         layer_fields = {name: list(getattr(self, name)) for name in ("drop_attention", "drop_mlp", "drop_layers")}
-        layer_fields.update({name: list(getattr(self, name)) for name in ("remove_heads", "remove_neurons")})
+        layer_fields.update({name: list(getattr(self, name)) for name in _UNIT_FIELDS})
         for name, layers in layer_fields.items():
             for layer in layers:
                 if not 0 <= layer < n:
@@ -244,8 +253,25 @@ class PruningConfig:
                         "keep the same number of them — remove whole KV groups, or the same number of query "
                         "heads from each group"
                     )
+        if self.remove_neurons and not dims.intermediate_size:
+            raise PruningConfigError(
+                "`remove_neurons` is set, but this model has no dense FFN (its FFN is a Mixture of Experts whose "
+                "neurons sit inside the experts): remove whole experts with `remove_experts` instead"
+            )
         for layer, neurons in self.remove_neurons.items():
             self._check_units("remove_neurons", layer, neurons, dims.intermediate_size, "FFN neurons", "drop_mlp")
+        if self.remove_experts and not dims.num_experts:
+            raise PruningConfigError("`remove_experts` is set, but this model has no Mixture-of-Experts layers; "
+                                     "remove FFN neurons with `remove_neurons` instead")
+        for layer, experts in self.remove_experts.items():
+            if self._check_units("remove_experts", layer, experts, dims.num_experts, "experts", "drop_mlp"):
+                kept = dims.num_experts - len(experts)
+                if kept < dims.experts_per_token:
+                    raise PruningConfigError(
+                        f"`remove_experts[{layer}]` leaves {kept} expert(s), but the router picks "
+                        f"{dims.experts_per_token} per token (`num_experts_per_tok`): keep at least "
+                        f"{dims.experts_per_token}, or put {layer} in `drop_mlp` to remove the whole sublayer"
+                    )
 
     def _check_units(self, name: str, layer: int, indices: list[int], total: int, unit: str, drop_field: str) -> bool:
         """Range-check one layer's unit indices; True when the layer's sublayer survives (more checks apply)."""
@@ -276,6 +302,11 @@ class ModelDims:
     head_dim: int
     hidden_size: int
     intermediate_size: int
+    """Dense FFN width (0: the family's FFN is a Mixture of Experts alone)."""
+    num_experts: int = 0
+    """Routed experts per Mixture-of-Experts layer (0: a dense model)."""
+    experts_per_token: int = 0
+    """Experts the router picks per token (top-k)."""
 
     @property
     def heads_per_group(self) -> int:

@@ -157,6 +157,7 @@ def apply_structure(model: nn.Module, target: PruningConfig, current: PruningCon
                 continue
             _apply_attention(adapter, config, block, orig, current, merged, dims)
             _apply_mlp(adapter, config, block, orig, current, merged, dims)
+            _apply_experts(adapter, block, orig, current, merged, dims)
         kept_after = merged.kept_layers()
         if kept_after != kept_before:
             _drop_blocks(adapter, model, kept_before, kept_after)
@@ -206,6 +207,11 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
     if orig in current.drop_mlp:
         return
     if orig in target.drop_mlp:
+        if adapter.experts is not None:  # the whole MoE sublayer (router, experts, shared expert) goes
+            set_module(block, adapter.experts.block, ZeroProjection(dims.hidden_size))
+            for norm in adapter.sublayer_norms(config, "mlp"):
+                set_module(block, norm, nn.Identity())
+            return
         hidden = out_features(get_module(block, adapter.mlp_out))
         for path in adapter.mlp_in:
             set_module(block, path, EmptyProjection())
@@ -224,6 +230,27 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
     for path in adapter.mlp_in:
         keep_outputs(get_module(block, path), adapter.neuron_rows(path, keep, len(kept_before)))
     keep_inputs(out, keep)
+
+
+def _apply_experts(adapter: ArchitectureAdapter, block: nn.Module, orig: int, current: PruningConfig,
+                   target: PruningConfig, dims) -> None:
+    """Remove experts (index e of the router's rows and of every fused expert tensor) from one MoE layer."""
+    layout = adapter.experts
+    if layout is None or orig in current.drop_mlp or orig in target.drop_mlp:
+        return
+    have = set(current.remove_experts.get(orig, []))
+    want = set(target.remove_experts.get(orig, []))
+    if want == have:
+        return
+    kept_before = [e for e in range(dims.num_experts) if e not in have]
+    keep = torch.tensor([p for p, e in enumerate(kept_before) if e not in want], dtype=torch.long)
+    router, experts = layout.modules(block)
+    for module, names in ((router, ("weight", "bias")), (experts, (layout.gate_up, layout.down))):
+        for name in names:
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                _replace_param(module, name, param.data.index_select(0, keep.to(param.device)))
+    layout.set_count(block, len(keep))
 
 
 def _drop_blocks(adapter: ArchitectureAdapter, model: nn.Module, kept_before: list[int], kept_after: list[int]) -> None:

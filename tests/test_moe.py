@@ -1,0 +1,123 @@
+"""Mixture-of-Experts families: experts removed for real, exact where the router never picks them, reloaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.modeling.adapters import get_adapter, get_module
+from optimum_prune.modeling.integrity import CheckpointIntegrityError
+from optimum_prune.modeling.pruning_config import PruningConfigError
+from test_reload import run_without_plugin
+from zoo import FAMILIES, MOE_FAMILIES, inputs, never_routed, outputs, zeroed_reference
+
+MIXED = PruningConfig(remove_experts={0: [1, 4], 2: [0, 2, 5]}, remove_heads={3: [0, 2]}, drop_attention=[0],
+                      drop_mlp=[2], drop_layers=[1])
+
+
+def _moe_zeroed(model, structure: PruningConfig):
+    """The dense model with the removed heads / sublayers / blocks' outputs zeroed (experts kept)."""
+    attention_only = PruningConfig(remove_heads=structure.remove_heads, remove_neurons=structure.remove_neurons,
+                                   drop_attention=sorted(set(structure.drop_attention) | set(structure.drop_layers)))
+    ref = zeroed_reference(model, attention_only, include_drop_layers=False)
+    adapter = get_adapter(ref)
+    with torch.no_grad():
+        for layer in set(structure.drop_mlp) | set(structure.drop_layers):
+            block = adapter.layers(ref)[layer]
+            get_module(block, adapter.experts.experts).down_proj.zero_()
+            if adapter.mlp_out:
+                get_module(block, adapter.mlp_out).weight.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_removing_experts_the_router_never_picks_leaves_logits_unchanged(family):
+    model = MOE_FAMILIES[family].build()
+    for layer, expert in ((1, 3), (2, 0), (2, 5)):
+        never_routed(model, layer, expert)
+    batch = inputs()
+    expected = outputs(model, batch)
+    before = sum(p.numel() for p in model.parameters())
+    pruned = Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_experts={1: [3], 2: [0, 5]}))
+    torch.testing.assert_close(outputs(pruned, batch), expected, atol=1e-5, rtol=0)
+    H, layout = model.config.hidden_size, get_adapter(model).experts
+    experts = get_module(get_adapter(model).layers(model)[0], layout.experts)
+    per_expert = H + experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()  # router row + weights
+    assert before - sum(p.numel() for p in pruned.parameters()) == 3 * per_expert
+    block = get_adapter(pruned).layers(pruned)[2]
+    router, experts = layout.modules(block)
+    assert router.weight.shape[0] == experts.gate_up_proj.shape[0] == experts.num_experts == router.num_experts == 4
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_heads_sublayers_and_blocks_equal_zeroed_dense_and_generate(family):
+    dense = MOE_FAMILIES[family].build()
+    structure = PruningConfig(remove_heads={3: [0, 2]}, drop_attention=[0], drop_mlp=[2], drop_layers=[1],
+                              remove_neurons={0: [1, 2, 30]} if family == "qwen2_moe" else {})
+    pruned = Pruner(copy.deepcopy(dense)).apply(structure)
+    ref = _moe_zeroed(dense, structure)
+    batch = inputs()
+    torch.testing.assert_close(outputs(pruned, batch), outputs(ref, batch), atol=1e-5, rtol=0)
+    prompt = inputs(batch=2, length=6)
+    prompt["attention_mask"][0, :2] = 0  # left padding
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = pruned.generate(**prompt, **kwargs)
+    assert torch.equal(got, ref.generate(**prompt, **kwargs))
+    assert torch.equal(got, pruned.generate(**prompt, use_cache=False, **kwargs))
+
+
+def test_reload_with_plugin_and_trust_remote_code(tmp_path):
+    cases = []
+    for family, fam in MOE_FAMILIES.items():
+        path = tmp_path / family
+        pruner = Pruner(fam.build())
+        pruner.apply(MIXED)
+        batch = inputs()
+        expected = outputs(pruner.model, batch)
+        pruner.save_pretrained(path)
+        saved = json.loads((path / "config.json").read_text())["pruning_config"]
+        assert saved["remove_experts"] == {"0": [1, 4], "2": [0, 2, 5]}
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
+        layout = get_adapter(reloaded).experts
+        assert layout.modules(get_adapter(reloaded).layers(reloaded)[0])[1].gate_up_proj.shape[0] == 4
+        torch.save({"expected": expected, "batch": batch}, path / "reference.pt")
+        cases.append((str(path), family))
+    out = run_without_plugin(f"""
+        import torch, transformers
+        for path, family in {cases!r}:
+            ref = torch.load(path + "/reference.pt")
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model)
+            with torch.no_grad():
+                diff = (model(**ref["batch"]).logits - ref["expected"]).abs().max().item()
+            assert diff <= 1e-5, (path, diff)
+            print("ok", family)
+    """)
+    assert out.count("ok ") == len(cases), out
+
+
+def test_expert_structures_that_cannot_hold_fail_naming_the_fix(tmp_path):
+    model = MOE_FAMILIES["mixtral"].build()
+    with pytest.raises(PruningConfigError, match=r"leaves 1 expert\(s\), but the router picks 2 .*keep at least 2"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_experts={0: [0, 1, 2, 3, 4]}))
+    with pytest.raises(PruningConfigError, match=r"out of range: each layer has 6 experts"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_experts={0: [6]}))
+    with pytest.raises(PruningConfigError, match="no dense FFN .* remove whole experts with `remove_experts`"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_neurons={0: [1]}))
+    with pytest.raises(PruningConfigError, match="no Mixture-of-Experts layers"):
+        Pruner(FAMILIES["llama-gqa"].build()).apply(PruningConfig(remove_experts={0: [1]}))
+    # a checkpoint whose expert tensors disagree with its pruning_config names the field
+    pruner = Pruner(model)
+    pruner.apply(PruningConfig(remove_experts={0: [1]}))
+    pruner.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["pruning_config"]["remove_experts"] = {"0": [1, 2]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointIntegrityError, match=r"`pruning_config.remove_experts\[0\]` removes 2 experts"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
