@@ -121,3 +121,54 @@ def test_expert_structures_that_cannot_hold_fail_naming_the_fix(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointIntegrityError, match=r"`pruning_config.remove_experts\[0\]` removes 2 experts"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _calibration(n: int = 8, length: int = 16) -> torch.Tensor:
+    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family,scope", [("mixtral", "layer"), ("qwen2_moe", "global")])
+def test_reap_ranks_a_useless_expert_last_and_removes_it(family, scope):
+    model = MOE_FAMILIES[family].build()
+    adapter = get_adapter(model)
+    with torch.no_grad():  # expert 4 of layer 1 adds nothing wherever it is picked
+        adapter.experts.modules(adapter.layers(model)[1])[1].down_proj[4].zero_()
+    pruner = Pruner(model)
+    pruner.prune(method="reap", experts_ratio=0.25, scope=scope, calibration=_calibration(), progress=False)
+    record = pruner.model.config.pruning_config
+    saliency = record["search"]["saliency"]["1"]
+    assert saliency["4"] == 0.0 and min(v for e, v in saliency.items() if e != "4") > 0
+    assert record["search"]["routed_tokens"]["1"]["4"] > 0  # it was routed to, and added nothing
+    assert 4 in record["remove_experts"]["1"]
+    # per layer: 25% of 6 rounds to 2 in each of 4 layers; model-wide: 25% of 24
+    assert sum(len(v) for v in record["remove_experts"].values()) == (8 if scope == "layer" else 6)
+    assert record["method"] == "reap"
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_reap_pruned_model_reloads_and_generates(ratio, tmp_path):
+    pruner = Pruner(MOE_FAMILIES["olmoe"].build())
+    pruner.prune(method="reap", experts_ratio=ratio, calibration=_calibration(), progress=False)
+    kept = {6 - round(6 * ratio + 1e-9)}  # 2 or 3 removed of 6 in every layer
+    layout = get_adapter(pruner.model).experts
+    assert {layout.modules(b)[1].num_experts for b in get_adapter(pruner.model).layers(pruner.model)} == kept
+    batch = inputs()
+    expected = outputs(pruner.model, batch)
+    pruner.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
+    prompt = inputs(batch=1, length=5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(reloaded.generate(**prompt, **kwargs), pruner.model.generate(**prompt, **kwargs))
+
+
+def test_reap_refuses_a_ratio_that_leaves_fewer_experts_than_top_k_before_calibrating():
+    pruner = Pruner(MOE_FAMILIES["mixtral"].build())
+    with pytest.raises(ValueError, match=r"experts_ratio=0.75 would leave layer 0 1 of its 6 experts, fewer than the 2 "
+                                         r".*use experts_ratio <= 0.667"):
+        pruner.prune(method="reap", experts_ratio=0.75, calibration="not read: the check comes first")
+    with pytest.raises(ValueError, match="no Mixture-of-Experts layer"):
+        Pruner(FAMILIES["llama-gqa"].build()).prune(method="reap", experts_ratio=0.25, calibration=_calibration())
+    from optimum_prune.cli.flags import config_flag_names
+    from optimum_prune.methods.experts.config import REAPConfig
+    assert {"--experts-ratio", "--scope"} <= set(config_flag_names(REAPConfig))

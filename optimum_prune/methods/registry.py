@@ -97,6 +97,8 @@ REGISTRY.add("wanda", "prune", "optimum_prune.methods.sparsity.config:WandaConfi
              "optimum_prune.methods.sparsity.entry:run")
 REGISTRY.add("magnitude", "prune", "optimum_prune.methods.sparsity.config:MagnitudeConfig",
              "optimum_prune.methods.sparsity.entry:run")
+REGISTRY.add("reap", "prune", "optimum_prune.methods.experts.config:REAPConfig",
+             "optimum_prune.methods.experts.entry:run")
 REGISTRY.add("gptq", "quantize", "optimum_prune.methods.gptq.config:GPTQConfig",
              "optimum_prune.methods.gptq.entry:run")
 REGISTRY.add("evopress-bits", "quantize", "optimum_prune.methods.evopress.config:EvoPressBitsConfig",
