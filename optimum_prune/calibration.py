@@ -3,6 +3,8 @@
 Every source becomes a LongTensor [num_samples, seq_len] of windows cut at seeded random offsets
 from the tokenized text (the protocol of the GPTQ / SparseGPT papers). With no source and no Hub,
 the model writes its own calibration text (data-free calibration) so compression still runs offline.
+``"generated"`` / ``"generated:N"`` asks for that explicitly: deduplicated text sampled from the model and
+cached on disk (``generated_text``), cut into consecutive windows.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ logger = logging.get_logger(__name__)
 DEFAULT_DATASET = "wikitext2"
 
 CalibrationSource = Any
-"""A dataset name (``text.DATASETS``), a text file path, a string list, a ``datasets.Dataset``, a LongTensor, or None."""
+"""A dataset name (``text.DATASETS``), ``"generated"`` / ``"generated:N"`` (text sampled from the model itself,
+``generated_text``), a text file path, a string list, a ``datasets.Dataset``, a LongTensor, or None."""
 
 
 class CalibrationError(ValueError):
@@ -127,6 +130,19 @@ def load_calibration(
     if num_samples <= 0 or seq_len <= 1:
         raise CalibrationError(f"need num_samples > 0 and seq_len > 1, got {num_samples} and {seq_len}")
     info = describe(source, num_samples, seq_len, seed)
+    generated = _generated(source)
+    if generated is not None:
+        from dataclasses import replace
+
+        from . import generated_text
+
+        if model is None:
+            raise CalibrationError(f"{source!r} is text sampled from the dense model: pass the model (e.g. "
+                                   "load_calibration(..., model=dense))")
+        count = num_samples if generated is True else generated
+        ids, info = generated_text.generated_windows(model, tokenizer, count, seq_len, progress=progress,
+                                                     settings=replace(generated_text.DEFAULTS, seed=seed))
+        return ids, {**info, "dataset": source}
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype not in (torch.int64, torch.int32):
             raise CalibrationError("token calibration must be an integer tensor [num_samples, seq_len]")
@@ -151,6 +167,18 @@ def load_calibration(
         except TextFileError as err:
             raise CalibrationError(f"calibration file {err}") from None
     return random_windows(_tokens(tokenizer, text), num_samples, seq_len, seed), info
+
+
+def _generated(source: CalibrationSource) -> int | bool | None:
+    """``"generated"`` (True) or ``"generated:N"`` (N windows) when ``source`` asks for model-generated text."""
+    if not isinstance(source, str) or os.path.isfile(source):
+        return None
+    from .generated_text import GeneratedTextError, parse_source
+
+    try:
+        return parse_source(source)
+    except GeneratedTextError as err:
+        raise CalibrationError(str(err)) from None
 
 
 def describe(source: CalibrationSource, num_samples: int, seq_len: int, seed: int) -> dict[str, Any]:

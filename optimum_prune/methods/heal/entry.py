@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...calibration import load_calibration
+from ...generated_text import parse_source
 from ...teacher_cache import build_teacher_cache
 from ..base import RunConfig
 from . import training
@@ -23,7 +24,8 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
     num_samples = config.num_samples or config.max_steps * config.per_device_train_batch_size * \
         args.get("gradient_accumulation_steps", 1)
     train_ids, data_info = load_calibration(config.train_dataset, session.tokenizer, seq_len=config.seq_len,
-                                            seed=config.seed, num_samples=num_samples)
+                                            seed=config.seed, num_samples=num_samples,
+                                            model=text_model(session, teacher, config.train_dataset))
     if config.teacher_cache is not None and alpha > 0:
         args["teacher_cache"] = build_teacher_cache(teacher, train_ids, config.teacher_cache,
                                                     tokenizer=session.tokenizer, top_k=config.teacher_top_k or None,
@@ -38,3 +40,14 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
                                   data_info.get("dataset"), alpha)
     session.record(metrics=session.metrics.merged(**healed))
     return metrics
+
+def text_model(session: Any, teacher: Any, train_dataset: Any) -> Any:
+    """The model that writes ``train_dataset="generated"`` text: the dense one (distill_from, or an uncompressed model)."""
+    if parse_source(train_dataset) is None or teacher is not None:
+        return teacher
+    config = session.pruning_config
+    if not config.is_empty or config.method:
+        raise ValueError(f"train_dataset={train_dataset!r} is text sampled from the dense model, and this model is "
+                         f"already compressed ({config.method}): pass distill_from= the dense model (alpha=0 keeps "
+                         "the plain LM loss)")
+    return session.model
