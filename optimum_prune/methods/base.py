@@ -210,8 +210,9 @@ class RunConfig(ConfigBase):
     """Calibration and execution settings shared by every calibrated method."""
 
     calibration: Any = option(None, "calibration data: a text file, a dataset name (wikitext2, c4, fineweb-edu), "
-                                    "strings, a datasets.Dataset or token ids; default: wikitext2, or text sampled "
-                                    "from the model when offline")
+                                    "'generated' (text the model samples itself, cached), strings, a "
+                                    "datasets.Dataset or token ids; default: wikitext2, or text sampled from the "
+                                    "model when offline")
     num_samples: int = option(128, "calibration windows")
     seq_len: int = option(512, "tokens per calibration window")
     seed: int = option(0, "seed of the window sampling and of every random choice of the method")

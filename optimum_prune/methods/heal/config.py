@@ -17,7 +17,9 @@ class HealConfig(MethodConfig):
     kind: ClassVar[str] = "heal"
 
     train_dataset: Any = option(None, "generic text: a text file, strings, a datasets.Dataset, a dataset name "
-                                      "(e.g. fineweb-edu) or token ids [n, seq_len]", aliases=("--train-data",))
+                                      "(e.g. fineweb-edu), 'generated' / 'generated:N' (N windows of text sampled "
+                                      "from the dense model, docs/healing.md) or token ids [n, seq_len]",
+                                aliases=("--train-data",))
     max_steps: int = option(1000, "optimizer steps")
     learning_rate: float = option(2e-5, "learning rate")
     per_device_train_batch_size: int = option(4, "windows per device and step", aliases=("--batch-size",))
