@@ -120,11 +120,15 @@ def add_latency_cli(subparsers: Any) -> argparse.ArgumentParser:
                                           "model, in an inference environment; cached per environment and model.")
     add_model_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+    p.add_argument("--engine", default="torch", help="torch (default) or llama.cpp (time the GGUF export in "
+                                                      "llama.cpp; needs llama-cpp-python)")
+    p.add_argument("--dtype", default=None, help="torch: float32 (default), float16 or bfloat16; llama.cpp: the GGUF "
+                                                 "type, f16 (default), f32, bf16, Q8_0, Q4_K_M, ...")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512, help="prefill tokens, or KV-cache length in decode mode")
     p.add_argument("--mode", default="prefill", help="prefill (default) or decode (one token with a KV cache)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's count)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default: torch's count; "
+                                                              "llama.cpp: half the CPUs)")
     p.add_argument("--mlp-levels", type=int, default=None, help=f"FFN widths to time (default: {DEFAULT_MLP_LEVELS})")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per level (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per level")
@@ -145,11 +149,14 @@ def run_latency_cli(args: argparse.Namespace) -> int:
 
     try:
         env = InferenceEnvironment(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                   seq_len=args.seq_len, mode=args.mode, threads=args.threads)
+                                   seq_len=args.seq_len, mode=args.mode, threads=args.threads, engine=args.engine)
         env.check_available()
-        model, _, _ = load_model(args.model, gguf_file=args.gguf_file, task=args.task, tokenizer=False,
-                                 dtype=env.torch_dtype)
-        model.to(env.torch_device)
+        if env.llamacpp:  # the dense model is exported to GGUF and timed in llama.cpp
+            model, _, _ = load_model(args.model, gguf_file=args.gguf_file, task=args.task, tokenizer=False)
+        else:
+            model, _, _ = load_model(args.model, gguf_file=args.gguf_file, task=args.task, tokenizer=False,
+                                     dtype=env.torch_dtype)
+            model.to(env.torch_device)
         path = latency_table_path(model, env, cache_dir=args.cache_dir, mlp_levels=args.mlp_levels)
         before = _mtime(path)
         table = get_latency_table(model, env, cache_dir=args.cache_dir, remeasure=args.remeasure,

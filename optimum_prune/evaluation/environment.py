@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,10 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "float16": "float16", "fp16": "float16", "half": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _MODES = ("prefill", "decode")
+_ENGINES = {"torch": "torch", "pytorch": "torch", "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp",
+            "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}
+_GGUF_ALIASES = {"float32": "f32", "fp32": "f32", "float": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
+                 "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -22,20 +27,62 @@ class InferenceEnvironment:
     """Where and how the pruned model will run; a latency table holds only in the environment it was measured in."""
 
     device: str = "cpu"
-    """"cpu", "cuda" or "cuda:N"."""
-    dtype: str = "float32"
-    """"float32", "float16" or "bfloat16" (aliases fp32/fp16/bf16/half are accepted)."""
+    """"cpu", "cuda" or "cuda:N" (llama.cpp: "cpu")."""
+    dtype: str | None = None
+    """torch: "float32" (default), "float16" or "bfloat16" (aliases fp32/fp16/bf16/half are accepted); llama.cpp:
+    the GGUF type the models are exported to and timed in, "f16" (default), "f32", "bf16", "Q8_0", "Q4_K_M", ..."""
     batch_size: int = 1
     seq_len: int = 512
     """prefill: tokens per sequence; decode: length of the KV cache the new token attends to."""
     mode: str = "prefill"
     """"prefill" (one forward over seq_len tokens, no cache) or "decode" (one new token after seq_len cached)."""
     threads: int | None = None
-    """torch threads during measurement; None means torch's current count (recorded as the actual number)."""
+    """CPU threads during measurement; None means torch's current count (llama.cpp: llama-cpp-python's default,
+    half the CPUs), recorded as the actual number."""
+    engine: str = "torch"
+    """"torch" (transformers models timed in PyTorch) or "llama.cpp" (the models exported to GGUF, timed in
+    llama.cpp through llama-cpp-python)."""
 
     def __post_init__(self) -> None:
+        engine = _ENGINES.get(str(self.engine).strip().lower()) if isinstance(self.engine, str) else None
+        if engine is None:
+            raise ValueError(f"InferenceEnvironment.engine must be 'torch' or 'llama.cpp', got {self.engine!r}")
+        object.__setattr__(self, "engine", engine)
+        if engine == "llama.cpp":
+            self._check_llamacpp()
+        else:
+            self._check_torch()
+        _check_positive_int("batch_size", self.batch_size, "the number of sequences per forward, e.g. 1")
+        _check_positive_int("seq_len", self.seq_len,
+                            "tokens per sequence (prefill) or KV-cache length (decode), e.g. 512")
+        if self.mode not in _MODES:
+            raise ValueError(f"InferenceEnvironment.mode must be 'prefill' or 'decode', got {self.mode!r}")
+        if self.threads is not None:
+            _check_positive_int("threads", self.threads, "a CPU thread count, or None for the engine's default")
+
+    def _check_llamacpp(self) -> None:
+        """llama.cpp: a CPU environment in a GGUF type the export writes."""
+        from ..export.gguf import DTYPES, normalize_dtype
+
+        device = str(self.device).strip().lower()
+        if device != "cpu":
+            raise ValueError(f"engine='llama.cpp' times on the CPU (llama-cpp-python without GPU offload); use "
+                             f"device='cpu', or engine='torch' for {self.device!r}")
+        object.__setattr__(self, "device", device)
+        dtype = "f16" if self.dtype is None else str(self.dtype).strip().replace("torch.", "")
+        dtype = _GGUF_ALIASES.get(dtype.lower(), dtype)
+        try:
+            dtype = normalize_dtype(dtype)
+        except ValueError:
+            raise ValueError(f"InferenceEnvironment.dtype for engine='llama.cpp' is the GGUF type the models are "
+                             f"exported to: one of {', '.join(DTYPES)}, got {self.dtype!r}") from None
+        object.__setattr__(self, "dtype", dtype)
+
+    def _check_torch(self) -> None:
         import torch
 
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", "float32")
         if isinstance(self.dtype, torch.dtype):
             object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
         if not isinstance(self.device, (str, torch.device)):
@@ -50,21 +97,24 @@ class InferenceEnvironment:
             raise ValueError(f"InferenceEnvironment.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         dtype = _DTYPES.get(str(self.dtype).strip().lower())
         if dtype is None:
+            hint = " (GGUF types such as f16 or Q8_0 need engine='llama.cpp')" if str(self.dtype).lower() in (
+                "f16", "f32") or str(self.dtype).upper().startswith("Q") else ""
             raise ValueError("InferenceEnvironment.dtype must be 'float32', 'float16' or 'bfloat16', "
-                             f"got {self.dtype!r}")
+                             f"got {self.dtype!r}{hint}")
         object.__setattr__(self, "dtype", dtype)
-        _check_positive_int("batch_size", self.batch_size, "the number of sequences per forward, e.g. 1")
-        _check_positive_int("seq_len", self.seq_len,
-                            "tokens per sequence (prefill) or KV-cache length (decode), e.g. 512")
-        if self.mode not in _MODES:
-            raise ValueError(f"InferenceEnvironment.mode must be 'prefill' or 'decode', got {self.mode!r}")
-        if self.threads is not None:
-            _check_positive_int("threads", self.threads, "a CPU thread count, or None for torch's current count")
+
+    @property
+    def llamacpp(self) -> bool:
+        """Whether models are timed in llama.cpp (exported to GGUF) rather than in PyTorch."""
+        return self.engine == "llama.cpp"
 
     @property
     def torch_dtype(self) -> torch.dtype:
         import torch
 
+        if self.llamacpp:
+            raise ValueError(f"engine='llama.cpp' times GGUF files of type {self.dtype}, not a torch dtype; the "
+                             "transformers model stays as loaded")
         return getattr(torch, self.dtype)
 
     @property
@@ -79,12 +129,23 @@ class InferenceEnvironment:
 
     def resolved(self) -> InferenceEnvironment:
         """This environment with ``threads`` set to the actual count that a measurement would use."""
+        if self.threads is not None:
+            return self
+        if self.llamacpp:  # llama-cpp-python's own default (Llama(n_threads=None))
+            return replace(self, threads=max((os.cpu_count() or 2) // 2, 1))
         import torch
 
-        return self if self.threads is not None else replace(self, threads=torch.get_num_threads())
+        return replace(self, threads=torch.get_num_threads())
 
     def check_available(self) -> None:
         """Raise a ValueError naming the fix when this machine cannot run the environment."""
+        if self.llamacpp:
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                raise ValueError("engine='llama.cpp' times GGUF exports in llama.cpp: pip install llama-cpp-python "
+                                 "(and gguf), or use engine='torch'") from None
+            return
         import torch
 
         device = torch.device(self.device)
@@ -101,10 +162,17 @@ class InferenceEnvironment:
                              "use dtype='float16'")
 
     def key(self) -> str:
-        """A stable string for cache lookups: torch version, device model and every measurement setting."""
+        """A stable string for cache lookups: engine version, device model and every measurement setting.
+
+        Torch keys are unchanged since before the engine field existed, so cached torch tables stay valid.
+        """
         import torch
 
         env = self.resolved()
+        if env.llamacpp:
+            return ";".join([f"engine=llama.cpp", f"llama_cpp={_llamacpp_version()}", "device=cpu",
+                             f"name={_cpu_name()}", f"dtype={env.dtype}", f"batch={env.batch_size}",
+                             f"seq_len={env.seq_len}", f"mode={env.mode}", f"threads={env.threads}"])
         device = env.torch_device
         parts = [f"torch={torch.__version__}", f"device={device.type}", f"name={_device_name(env)}"]
         if device.type == "cuda":
@@ -131,6 +199,14 @@ def _device_name(env: InferenceEnvironment) -> str:
         env.check_available()
         return torch.cuda.get_device_name(device)
     return _cpu_name()
+
+
+def _llamacpp_version() -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        return "missing"
+    return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
 @functools.lru_cache(maxsize=1)

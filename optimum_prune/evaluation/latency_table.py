@@ -6,7 +6,8 @@ costs. This module is the public face of the latency side and what a speedup tar
 (``resolve_latency_table``); the pieces live in ``environment`` (InferenceEnvironment), ``table``
 (LatencyTable, ``model_signature``, ``mlp_grid``), ``table_measure`` (``measure_latency_table``),
 ``env_timing`` (the stack timer), ``speedup`` (``measure_model_ms``, ``measure_speedup``), ``table_cache``
-(``get_latency_table`` and the cache paths) and ``cli`` (the ``latency`` subcommand).
+(``get_latency_table`` and the cache paths), ``cli`` (the ``latency`` subcommand), and for engine="llama.cpp"
+``llamacpp_table`` (tables timed on synthetic GGUF files) and ``llamacpp_timing`` (GGUF exports timed in llama.cpp).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from transformers import PreTrainedModel
 from .cli import add_latency_cli as add_cli, run_latency_cli as run_cli
 from .env_timing import STACK_DEPTH, TABLE_METHOD
 from .environment import InferenceEnvironment
+from .llamacpp_table import LLAMACPP_TABLE_METHOD, measure_llamacpp_table
+from .llamacpp_timing import gguf_speedup, measure_gguf_speedup, time_gguf_files
 from .speedup import SpeedupMeasurement, measure_model_ms, measure_speedup
 from .table import DEFAULT_MLP_LEVELS, FORMAT_VERSION, LatencyTable, mlp_grid, model_signature
 from .table_cache import CACHE_ENV_VAR, default_cache_dir, get_latency_table, latency_table_path
@@ -47,10 +50,13 @@ def resolve_latency_table(model: PreTrainedModel, latency: Any = None, latency_t
 
 
 def latency_environment(model: PreTrainedModel, latency: Any = None, device: Any = None) -> InferenceEnvironment:
-    """``latency`` (an environment or its fields) with an unset device and dtype following ``device`` or the model."""
+    """``latency`` (an environment or its fields) with an unset device and dtype following ``device`` or the model
+    (with engine="llama.cpp": the CPU, and GGUF type f16 unless given)."""
     if isinstance(latency, InferenceEnvironment):
         return latency
     fields = dict(latency or {})
+    if InferenceEnvironment(engine=fields.get("engine", "torch")).llamacpp:
+        return InferenceEnvironment(**fields)  # llama.cpp: CPU, f16 unless given; the model's dtype does not matter
     param = next(model.parameters())
     fields.setdefault("device", str(device or param.device))
     fields.setdefault("dtype", str(param.dtype).replace("torch.", ""))
@@ -66,14 +72,18 @@ __all__ = [
     "STACK_DEPTH",
     "TABLE_METHOD",
     "InferenceEnvironment",
+    "LLAMACPP_TABLE_METHOD",
     "LatencyTable",
     "SpeedupMeasurement",
     "add_cli",
     "default_cache_dir",
     "get_latency_table",
+    "gguf_speedup",
     "latency_environment",
     "latency_table_path",
+    "measure_gguf_speedup",
     "measure_latency_table",
+    "measure_llamacpp_table",
     "measure_model_ms",
     "measure_speedup",
     "mlp_grid",
@@ -81,4 +91,5 @@ __all__ = [
     "monotone",
     "resolve_latency_table",
     "run_cli",
+    "time_gguf_files",
 ]

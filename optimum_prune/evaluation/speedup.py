@@ -18,10 +18,15 @@ def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, 
     """Median ms of one forward of ``model`` (pruned or dense) in ``environment`` (prefill, or one decode step).
 
     Timed exactly as a table's ``dense_ms``, so measured speedups compare with predicted ones. The model must
-    already be on the environment's device in its dtype: a pruned model is timed as is.
+    already be on the environment's device in its dtype: a pruned model is timed as is. With engine="llama.cpp",
+    its GGUF export is timed in llama.cpp.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if environment.llamacpp:  # the model's GGUF export, timed in llama.cpp
+        from .llamacpp_timing import measure_gguf_model_ms
+
+        return measure_gguf_model_ms(model, environment, repeats=repeats, warmup=warmup)
     env = environment.resolved()
     env.check_available()
     if not placed(model, env):
@@ -50,10 +55,15 @@ def measure_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, environment
 
     Each round times the dense model, then the pruned one (median of ``repeats``); the speedup is the
     median of the per-round ratios. A shared machine drifts by 10% over minutes, so timing the dense
-    model once and each pruned model later mistakes drift for speedup; paired rounds cancel it.
+    model once and each pruned model later mistakes drift for speedup; paired rounds cancel it. With
+    engine="llama.cpp" both models are exported to GGUF (the environment's type) and timed in llama.cpp.
     """
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")
+    if environment.llamacpp:  # both GGUF exports loaded in one llama.cpp process, timed in the same paired rounds
+        from .llamacpp_timing import measure_gguf_speedup
+
+        return measure_gguf_speedup(dense, pruned, environment, rounds=rounds, repeats=repeats, warmup=warmup)
     dense_times, pruned_times, ratios = [], [], []
     for _ in range(rounds):
         d = measure_model_ms(dense, environment, repeats=repeats, warmup=warmup)

@@ -171,9 +171,10 @@ class LatencyTable:
     def to_text(self) -> str:
         """A small human-readable rendering (attention grid, MLP levels, rest and dense time)."""
         env = self.environment
+        engine = "llama.cpp " if env.llamacpp else ""
         lines = [f"latency table for {self.model}",
-                 f"environment: {env.device} {env.dtype}, {env.mode}, batch {env.batch_size} x {env.seq_len} tokens, "
-                 f"{env.threads} threads"]
+                 f"environment: {engine}{env.device} {env.dtype}, {env.mode}, batch {env.batch_size} x {env.seq_len} "
+                 f"tokens, {env.threads} threads"]
         if self.environment_key:
             lines.append(f"environment key: {self.environment_key}")
         groups, per_group = self.full_attention

@@ -1,4 +1,5 @@
-"""Latency tables cached on disk, keyed by environment, model shapes, FFN grid and how tables are measured."""
+"""Latency tables cached on disk, keyed by environment (engine included), model shapes, FFN grid and how tables are
+measured."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..modeling.adapters import get_adapter
 from .defaults import CACHE_ENV_VAR
 from .env_timing import TABLE_METHOD
 from .environment import InferenceEnvironment
+from .llamacpp_table import LLAMACPP_TABLE_METHOD, measure_llamacpp_table
 from .table import LatencyTable, mlp_grid, model_signature
 from .table_measure import measure_latency_table
 
@@ -43,7 +45,8 @@ def _cache_identity(model: PreTrainedModel, environment: InferenceEnvironment,
 
 def _cache_path(cache_dir: str | os.PathLike | None, key: str, signature: str, grid: list[int]) -> Path:
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    identity = json.dumps([key, signature, grid, TABLE_METHOD]).encode()
+    method = LLAMACPP_TABLE_METHOD if key.startswith("engine=llama.cpp") else TABLE_METHOD  # torch: as before
+    identity = json.dumps([key, signature, grid, method]).encode()
     return directory / f"{hashlib.sha256(identity).hexdigest()[:20]}.json"
 
 
@@ -55,7 +58,8 @@ def get_latency_table(
     remeasure: bool = False,
     **kwargs: Any,
 ) -> LatencyTable:
-    """The cached table for this model's shapes, environment and FFN grid, measured and cached when missing.
+    """The cached table for this model's shapes, environment and FFN grid, measured and cached when missing
+    (timed in PyTorch, or in llama.cpp for an environment with engine="llama.cpp").
 
     ``kwargs`` go to ``measure_latency_table`` (``mlp_levels``, ``repeats``, ``warmup``, ``progress``).
     """
@@ -69,7 +73,8 @@ def get_latency_table(
             logger.warning("reusing the latency table measured %s ago for %s (%s); remeasure=True "
                            "(--remeasure-latency) measures again", _age(path), _environment(table), path)
             return table
-    table = measure_latency_table(model, environment, mlp_levels=grid, **kwargs)
+    measure = measure_llamacpp_table if environment.llamacpp else measure_latency_table
+    table = measure(model, environment, mlp_levels=grid, **kwargs)
     table.save(path)
     logger.info("saved the latency table to %s", path)
     return table
@@ -88,7 +93,8 @@ def _age(path: Path) -> str:
 
 def _environment(table: LatencyTable) -> str:
     env = table.environment
-    return (f"{env.device} {env.dtype}, batch {env.batch_size} x {env.seq_len} tokens, {env.mode}, "
+    engine = "llama.cpp " if env.llamacpp else ""
+    return (f"{engine}{env.device} {env.dtype}, batch {env.batch_size} x {env.seq_len} tokens, {env.mode}, "
             f"{env.threads} thread(s)")
 
 

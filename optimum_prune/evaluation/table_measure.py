@@ -9,7 +9,7 @@ measured time minus the per-block sums.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -76,20 +76,34 @@ def measure_latency_table(
     key = env.key()
     logger.info("measuring the latency table of %s (%s): %d attention levels, %d MLP widths",
                 type(model).__name__, key, len(attention_levels), len(grid))
+    raw = measure_steadily(
+        lambda label: _measure_once(model, adapter, dims, env, ids, timing, attention_levels, grid, num_layers,
+                                    progress=progress, label=label),
+        dims, num_layers, check=check and repeats >= CHECK_REPEATS, attempts=attempts)
+    return finish_table(raw, model, env, dims, grid, attention_levels, num_layers, key)
+
+
+def measure_steadily(measure_once: Callable[[str], dict], dims: ModelDims, num_layers: int, *, check: bool,
+                     attempts: int) -> dict:
+    """``measure_once(label)`` until its raw measurement shows no ``disturbances`` (``attempts`` in all), else
+    ``BusyMachineError``; shared by the torch and the llama.cpp tables."""
     found: list[str] = []
     for attempt in range(1, attempts + 1):
-        raw = _measure_once(model, adapter, dims, env, ids, timing, attention_levels, grid, num_layers,
-                            progress=progress, label="latency table" + (f" (attempt {attempt})" if attempt > 1 else ""))
-        found = disturbances(raw, dims, num_layers) if check and repeats >= CHECK_REPEATS else []
+        raw = measure_once("latency table" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        found = disturbances(raw, dims, num_layers) if check else []
         if not found:
-            break
+            return raw
         logger.warning("the latency measurement looks disturbed (%s)%s", "; ".join(found),
                        "; measuring again" if attempt < attempts else "")
-    else:
-        raise BusyMachineError(
-            f"the latency table could not be measured steadily in {attempts} attempts ({'; '.join(found)}): the "
-            "machine looks busy. Measure on an idle machine (stop other work, or pin threads with "
-            "latency=dict(threads=...)), or pass latency_table= a table measured elsewhere")
+    raise BusyMachineError(
+        f"the latency table could not be measured steadily in {attempts} attempts ({'; '.join(found)}): the "
+        "machine looks busy. Measure on an idle machine (stop other work, or pin threads with "
+        "latency=dict(threads=...)), or pass latency_table= a table measured elsewhere")
+
+
+def finish_table(raw: dict, model: PreTrainedModel, env: InferenceEnvironment, dims: ModelDims, grid: list[int],
+                 attention_levels: list[tuple[int, int]], num_layers: int, key: str) -> LatencyTable:
+    """The table from one steady raw measurement: noise clamped, times made monotone, the rest of the model."""
     attention, mlp, dense_ms = raw["attention"], raw["mlp"], raw["dense_ms"]
     clamped = [label for label, diff in raw["diffs"].items() if diff <= 0]
     if clamped:
@@ -150,7 +164,7 @@ def _measure_once(model, adapter, dims: ModelDims, env: InferenceEnvironment, id
 
 def disturbances(raw: dict, dims: ModelDims, num_layers: int) -> list[str]:
     """What in one raw measurement says the machine was disturbed (empty: it looks steady)."""
-    dense, before = raw["dense_ms"], raw["dense_before"]
+    dense, before = raw.get("dense_after", raw["dense_ms"]), raw["dense_before"]
     if min(dense, before) < CHECK_FLOOR_MS:
         return []  # too fast to tell noise from disturbance
     found = []

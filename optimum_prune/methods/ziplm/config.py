@@ -14,11 +14,13 @@ ENVIRONMENT = "optimum_prune.evaluation.environment:InferenceEnvironment"
 
 ENVIRONMENT_HELP = {
     "device": "where the speedup is measured: cpu, cuda or cuda:N (default: the compute device, else the model's)",
-    "dtype": "float32, float16 or bfloat16 (default: the model's)",
+    "dtype": "float32, float16 or bfloat16 (default: the model's); with engine llama.cpp the GGUF type: f16 "
+             "(default), f32, bf16, Q8_0, Q4_K_M, ...",
     "batch_size": "sequences per forward (default 1)",
     "seq_len": "prefill: tokens per sequence; decode: KV-cache length (default 512)",
     "mode": "prefill (one forward over seq_len tokens) or decode (one token after seq_len cached); default prefill",
-    "threads": "CPU threads while timing (default: torch's current count)",
+    "threads": "CPU threads while timing (default: torch's current count; llama.cpp: half the CPUs)",
+    "engine": "torch (default) or llama.cpp: time the GGUF exports in llama.cpp (tables, speedups)",
 }
 ENVIRONMENT_ALIASES = {"threads": ("--threads",)}
 
@@ -79,8 +81,8 @@ class ZipLMConfig(MethodConfig):
     target_speedup: Any = option(None, "one speedup (1.5 = 1.5x faster), or a list for one model per target "
                                        "(CLI: 1.25 1.5 2; several targets write OUTPUT/<target>x)")
     latency: Any = option(None, "the inference environment the speedup is measured in: an InferenceEnvironment or "
-                                "its fields (device, dtype, batch_size, seq_len, mode, threads); default: this "
-                                "device and dtype, batch 1 x 512 tokens, prefill", nested=ENVIRONMENT,
+                                "its fields (device, dtype, batch_size, seq_len, mode, threads, engine); default: "
+                                "this device and dtype, batch 1 x 512 tokens, prefill, in PyTorch", nested=ENVIRONMENT,
                           prefix="latency-", nested_help=ENVIRONMENT_HELP, nested_aliases=ENVIRONMENT_ALIASES)
     latency_table: Any = option(None, "a latency table (or its JSON file from `optimum-prune latency`) instead "
                                       "of measuring one here")
@@ -145,7 +147,14 @@ class ZipLMConfig(MethodConfig):
         self.target_speedup = [float(t) for t in target] if isinstance(target, (list, tuple)) else float(target)
         if self.latency is not None and not isinstance(self.latency, dict) and not hasattr(self.latency, "key"):
             raise ConfigError("latency must be an InferenceEnvironment or a dict of its fields (device, dtype, "
-                              f"batch_size, seq_len, mode, threads), got {self.latency!r}")
+                              f"batch_size, seq_len, mode, threads, engine), got {self.latency!r}")
+        if isinstance(self.latency, dict) and str(self.latency.get("engine", "torch")).lower() != "torch":
+            from ...evaluation.environment import InferenceEnvironment
+
+            try:  # a llama.cpp environment needs nothing from the model: check it before the model loads
+                InferenceEnvironment(**self.latency)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"latency: {err}") from None
         if isinstance(self.latency_table, (str, os.PathLike)) and not os.path.isfile(self.latency_table):
             raise ConfigError(f"latency_table {os.fspath(self.latency_table)!r} is not a file: give the JSON that "
                               "`optimum-prune latency --output ...` wrote, or leave it out to measure one here")
