@@ -38,6 +38,7 @@ class Metrics:
     heal_dataset: str | None = metric("healing data")
     heal_seconds: float | None = metric("healing wall time")
     heal_distillation_alpha: float | None = metric("weight of the distillation loss while healing")
+    heal_lora: dict[str, Any] | None = metric("LoRA settings of the healing (merged into the weights before saving)")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"doc": "figures this version does not name"})
 
     def merged(self, **updates: Any) -> "Metrics":

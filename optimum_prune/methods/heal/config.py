@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from ..base import ConfigError, MethodConfig, check_positive, option
 from ..common import json_object
+from .lora import LoRAError, lora_settings
 
 
 @dataclass
@@ -43,6 +44,9 @@ class HealConfig(MethodConfig):
     bf16: bool = option(False, "bf16 mixed precision")
     training_args: dict = option(None, "further TrainingArguments (JSON), e.g. {\"warmup_steps\": 10}",
                                  factory=dict, parse=json_object)
+    lora: dict = option(None, "train peft LoRA adapters (merged back before saving) instead of all weights (JSON), "
+                              "e.g. {\"r\": 16, \"alpha\": 32, \"dropout\": 0.05, \"target_modules\": [\"q_proj\", "
+                              "\"v_proj\"]}; target_modules default: every block Linear", parse=json_object)
 
     def validate(self) -> None:
         if self.train_dataset is None:
@@ -56,6 +60,10 @@ class HealConfig(MethodConfig):
                               "(the dense model), or drop teacher_cache")
         if self.teacher_top_k is not None and self.teacher_top_k < 0:
             raise ConfigError(f"teacher_top_k must be >= 0 (0: full log-probs), got {self.teacher_top_k}")
+        try:
+            self.lora = lora_settings(self.lora)
+        except LoRAError as err:
+            raise ConfigError(str(err)) from None
 
     def trainer_arguments(self) -> dict[str, Any]:
         """The TrainingArguments beyond the named ones: only what differs from the Trainer's defaults."""

@@ -18,8 +18,9 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
     if isinstance(teacher, str):
         teacher = type(session).from_pretrained(teacher).model
     teacher = getattr(teacher, "model", teacher)
+    sparse = training.keeps_zeros(session.pruning_config)
     alpha = training.check_heal(session.model, teacher, config.alpha, config.resume_from_checkpoint,
-                                config.output_dir)
+                                config.output_dir, lora=config.lora, sparse=sparse)
     args = config.trainer_arguments()
     num_samples = config.num_samples or config.max_steps * config.per_device_train_batch_size * \
         args.get("gradient_accumulation_steps", 1)
@@ -30,16 +31,17 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
         args["teacher_cache"] = build_teacher_cache(teacher, train_ids, config.teacher_cache,
                                                     tokenizer=session.tokenizer, top_k=config.teacher_top_k or None,
                                                     batch_size=config.per_device_train_batch_size)
-    masks = training.sparsity_masks(session.model) if training.keeps_zeros(session.pruning_config) else None
+    masks = training.sparsity_masks(session.model) if sparse else None
     metrics = training.heal(session.model, train_ids, max_steps=config.max_steps, learning_rate=config.learning_rate,
                             per_device_train_batch_size=config.per_device_train_batch_size, teacher=teacher,
                             alpha=alpha, masks=masks, resume_from_checkpoint=config.resume_from_checkpoint,
                             output_dir=None if config.output_dir is None else str(config.output_dir),
-                            gradient_checkpointing=config.gradient_checkpointing, **args)
+                            gradient_checkpointing=config.gradient_checkpointing, lora=config.lora, **args)
     healed = training.heal_record(metrics, config.max_steps, train_ids.shape[0], train_ids.shape[1],
                                   data_info.get("dataset"), alpha)
     session.record(metrics=session.metrics.merged(**healed))
     return metrics
+
 
 def text_model(session: Any, teacher: Any, train_dataset: Any) -> Any:
     """The model that writes ``train_dataset="generated"`` text: the dense one (distill_from, or an uncompressed model)."""

@@ -1,4 +1,5 @@
-"""Healing (LayerChop's second step): continued causal-LM training of all remaining weights.
+"""Healing (LayerChop's second step): continued causal-LM training of all remaining weights, or of LoRA
+adapters merged back afterwards (``lora.py``).
 
 Ordinary training through the transformers Trainer (``optimum_prune.distill.finetune``), with the plain
 LM loss or token-level distillation from the dense model; multi-GPU, FSDP and DeepSpeed come from
@@ -18,6 +19,8 @@ from ...engine.layers import linear_groups
 from ...loading import task_of_model
 from ...modeling.adapters import get_adapter
 from ...modeling.pruning_config import PruningConfig
+from .lora import LoRAError, lora_settings, merge, target_modules, trainable_parameters, wrap
+from .lora import record as lora_record
 
 logger = logging.get_logger(__name__)
 
@@ -51,23 +54,37 @@ def keeps_zeros(config: PruningConfig) -> bool:
 def heal(model: nn.Module, train_ids: torch.Tensor, *, max_steps: int = 1000, learning_rate: float = 2e-5,
          per_device_train_batch_size: int = 4, teacher: nn.Module | None = None, alpha: float | None = None,
          temperature: float = 1.0, masks: Masks | None = None, resume_from_checkpoint: str | bool | None = None,
-         output_dir: str | None = None, gradient_checkpointing: bool = False, **training_args: Any) -> dict[str, Any]:
+         output_dir: str | None = None, gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None,
+         **training_args: Any) -> dict[str, Any]:
     """Train all weights of ``model`` in place on token windows (plain LM loss, or distillation from ``teacher``).
 
     Returns the Trainer's metrics plus ``global_step``. ``output_dir`` keeps Trainer checkpoints
     (``save_strategy="steps"`` by default there, ``save_steps``); ``resume_from_checkpoint=True`` continues
-    from the last one in ``output_dir``, or pass a checkpoint path.
+    from the last one in ``output_dir``, or pass a checkpoint path. ``lora`` (settings, see ``lora.DEFAULTS``)
+    trains peft LoRA adapters instead of all weights and merges them back (metrics gain ``lora``).
     """
-    alpha = check_heal(model, teacher, alpha, resume_from_checkpoint, output_dir)
+    alpha = check_heal(model, teacher, alpha, resume_from_checkpoint, output_dir, lora=lora, sparse=bool(masks))
     if output_dir is not None:
         training_args.setdefault("save_strategy", "steps")
     if gradient_checkpointing:
         training_args["gradient_checkpointing"] = True
     use_cache = getattr(model.config, "use_cache", None)
-    metrics = finetune(model, train_ids, teacher=teacher, alpha=alpha, temperature=temperature, masks=masks,
+    trained, settings = model, lora_settings(lora)
+    if settings is not None:
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init is seeded like the rest of the run
+            torch.manual_seed(training_args.get("seed", 0))
+            trained, adapted = wrap(model, settings)
+        trainable = trainable_parameters(trained)
+        if gradient_checkpointing:
+            trained.enable_input_require_grads()  # the frozen embeddings must still pass gradients to the adapters
+    metrics = finetune(trained, train_ids, teacher=teacher, alpha=alpha, temperature=temperature, masks=masks,
                        max_steps=max_steps, learning_rate=learning_rate,
                        per_device_train_batch_size=per_device_train_batch_size, output_dir=output_dir,
                        resume_from_checkpoint=resume_from_checkpoint, **training_args)
+    if settings is not None:
+        merge(trained, requires_grad)
+        metrics["lora"] = lora_record(settings, adapted, trainable)
     if gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     if use_cache is not None:
@@ -78,10 +95,18 @@ def heal(model: nn.Module, train_ids: torch.Tensor, *, max_steps: int = 1000, le
 
 
 def check_heal(model: nn.Module, teacher: nn.Module | None, alpha: float | None,
-               resume_from_checkpoint: str | bool | None, output_dir: Any) -> float:
+               resume_from_checkpoint: str | bool | None, output_dir: Any, *, lora: dict[str, Any] | None = None,
+               sparse: bool = False) -> float:
     """Everything about a healing request that can fail before data is read; returns the distillation weight."""
     check_healable(model)
     check_teacher(model, teacher)
+    settings = lora_settings(lora)
+    if settings is not None:
+        if sparse:
+            raise LoRAError("LoRA healing would fill a sparsified model's zeros: merged adapters are a dense low-rank "
+                            "update of every adapted weight. Heal sparse models without lora= (full fine-tuning "
+                            "keeps the zeros with keep-masks)")
+        target_modules(model, settings["target_modules"])
     if resume_from_checkpoint is True and output_dir is None:
         raise ValueError("resume_from_checkpoint=True continues from the last checkpoint in output_dir: pass "
                          "output_dir= (the directory of the interrupted run), or a checkpoint path")
@@ -123,4 +148,6 @@ def heal_record(metrics: dict[str, Any], max_steps: int, num_windows: int, seq_l
     }
     if alpha > 0:
         record["heal_distillation_alpha"] = alpha
+    if "lora" in metrics:
+        record["heal_lora"] = metrics["lora"]
     return record
