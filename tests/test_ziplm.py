@@ -498,3 +498,81 @@ def test_a_missed_target_warns_in_the_log_the_family_table_and_the_card_or_raise
     with pytest.raises(entry.SpeedupMissError, match="outside the ±3% tolerance"):
         Pruner(FAMILIES["llama-gqa"].build()).prune(target_speedup=2.0, latency_table=table, calibration=CALIB,
                                                     search_iterations=0, progress=False, strict=True)
+
+
+def test_probes_on_the_dense_model_in_place_equal_probes_on_stitched_copies():
+    """The in-place probe (refitted output columns swapped into the dense model) computes the physically pruned
+    copy's logits; replaying the dense prefix changes nothing; the dense model is left as it was."""
+    from optimum_prune.evaluation.scorer import CalibrationScorer
+    from optimum_prune.engine.structure.search import probe_coefficients
+    from optimum_prune.methods.ziplm.method import _dense_prefix
+    from optimum_prune.engine.sequential import SequentialOptions
+
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    database = build_database(model, CALIB, mlp_kept=sorted(table.mlp), options=OPTIONS)
+    items = items_from(database, table)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stitcher = Stitcher(model, database)
+    full = [len(item.keys) - 1 for item in items]
+    swapped = 0
+    for i, item in enumerate(items):
+        for j in range(len(item.keys)):
+            if not stitcher.swappable(item, j):
+                continue
+            picked = list(full)
+            picked[i] = j
+            with torch.no_grad():
+                physical = stitcher.build(items, picked)(CALIB[:2]).logits
+                with stitcher.swapped(item, j) as dense:
+                    in_place = dense(CALIB[:2]).logits
+            torch.testing.assert_close(in_place, physical, rtol=0, atol=1e-5)
+            swapped += 1
+    assert swapped >= len(items)  # every sublayer has partial levels here
+    scorer = CalibrationScorer(model, CALIB[:2], 20, 2)
+
+    class Copies(Stitcher):
+        def swappable(self, item, j):  # the old path: a stitched, physically pruned copy per probe
+            return False
+
+    copies = probe_coefficients(items, Copies(model, database), scorer)
+    plain = probe_coefficients(items, stitcher, scorer)
+    resumed = probe_coefficients(items, stitcher, scorer, resume=_dense_prefix(model, scorer, SequentialOptions()))
+    assert resumed == pytest.approx(plain, rel=1e-6)
+    assert resumed == pytest.approx(copies, rel=1e-2)  # logits agree to 1e-7; the tiny KLs carry the rounding
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_re_aiming_interpolates_between_measurements_on_both_sides_of_the_target():
+    """Measured 1.125x when aiming at 1.25x and 1.42x at 1.39x: the next aim lies between them (no swing back
+    below the first aim); measurements on one side only scale the closest aim by its miss."""
+    from optimum_prune.methods.ziplm.method import next_aim
+
+    aim = next_aim([(1.25, 1.125), (1.39, 1.42)], 1.25)
+    assert 1.25 < aim < 1.39 and aim == pytest.approx(1.25 + 0.125 * 0.14 / 0.295)
+    assert next_aim([(1.5, 1.6)], 1.5) == pytest.approx(1.5 * 1.5 / 1.6)
+    assert next_aim([(1.5, 1.2), (1.8, 1.4)], 1.5) == pytest.approx(1.8 * 1.5 / 1.4)
+
+
+def test_spilled_database_stitches_the_same_models(tmp_path):
+    """Hessians memory-mapped from disk (database_memory) give the same levels and the same stitched models."""
+    model = FAMILIES["llama-gqa"].build()
+    table = proportional_table(model)
+    kept = build_database(model, CALIB, mlp_kept=sorted(table.mlp), options=OPTIONS)
+    one = kept.layers[0].attention.hessian
+    limit = one.numel() * one.element_size()  # the first Hessian stays in memory, the rest spill
+    spilled = build_database(model, CALIB, mlp_kept=sorted(table.mlp), options=OPTIONS, spill_above=limit,
+                             spill_dir=tmp_path)
+    hessians = sum(sub.hessian.numel() * 4 for entry in kept.layers.values() for sub in (entry.attention, entry.mlp))
+    assert kept.spilled_bytes() == 0 and spilled.spilled_bytes() == hessians - limit > 0
+    assert not list(tmp_path.iterdir())  # mapped files are unlinked: nothing is left behind
+    for layer, entry in kept.layers.items():
+        for kind in ("attention", "mlp"):
+            a, b = getattr(entry, kind), getattr(spilled.layers[layer], kind)
+            assert torch.equal(a.hessian, b.hessian) and a.levels == b.levels
+    items = items_from(kept, table)
+    for target in (1.3, 2.0):
+        picked = dp_select(items, budget_for(target, items, table))
+        x, y = Stitcher(model, kept).build(items, picked), Stitcher(model, spilled).build(items, picked)
+        assert x.state_dict().keys() == y.state_dict().keys()
+        assert all(torch.equal(v, y.state_dict()[k]) for k, v in x.state_dict().items())

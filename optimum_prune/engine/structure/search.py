@@ -9,11 +9,13 @@ model's calibration score (KL to the dense model, or output error for encoders) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -172,6 +174,32 @@ class Stitcher:
             self._cache.popitem(last=False)
         return fitted
 
+    def swappable(self, item: Item, j: int) -> bool:
+        """Whether ``swapped`` can stand for level ``j``: a partial level (some units kept, some removed)."""
+        key = item.keys[j]
+        return key not in ((0, 0), 0) and bool(self._sub(item).levels[key].removed)
+
+    @contextlib.contextmanager
+    def swapped(self, item: Item, j: int) -> Iterator[nn.Module]:
+        """The dense model itself with one sublayer at the partial level ``j``, restored on exit (no copy).
+
+        The refitted output projection has zero columns for the removed units, and removed heads or neurons
+        reach the output only through those columns, so this computes what the physically pruned model does.
+        """
+        if not self.swappable(item, j):
+            raise ValueError(f"level {item.keys[j]!r} of layer {item.layer}'s {item.kind} is not a partial level")
+        path = self.adapter.attention_out if item.kind == "attention" else self.adapter.mlp_out
+        module = get_module(self.adapter.layers(self.dense)[item.layer], path)
+        saved = get_weight(module).clone()
+        fitted = self._refit(item, item.keys[j], saved)
+        try:
+            with torch.no_grad():
+                set_weight(module, fitted.to(saved.dtype))
+            yield self.dense
+        finally:
+            with torch.no_grad():
+                set_weight(module, saved)
+
     def build(self, items: list[Item], picked: list[int], physical: bool = True) -> nn.Module:
         """A pruned copy of the model: corrected output projections, then the structures removed.
 
@@ -210,12 +238,15 @@ class SearchResult:
 
 
 def probe_coefficients(items: list[Item], stitcher: "Stitcher", score: Callable[[nn.Module], float],
-                       progress: Callable[[int], None] | None = None) -> list[float]:
+                       progress: Callable[[int], None] | None = None,
+                       resume: Callable[[nn.Module, int], ContextManager] | None = None) -> list[float]:
     """Per sublayer, the calibration score a unit of its (normalized) OBS loss costs the whole model.
 
     Each sublayer alone is cut to about half its time (the rest dense) and the stitched model scored:
     coefficient = score / estimated loss. Layer-wise losses ignore how errors grow or fade on the way
-    to the output; one measured point per sublayer puts them on the model's own scale.
+    to the output; one measured point per sublayer puts them on the model's own scale. A partial level is
+    probed on the dense model itself (``Stitcher.swapped``, no copy); ``resume(model, layer)`` may then skip
+    the dense blocks before the probed layer (their outputs are the dense ones, e.g. from a prefix cache).
     """
     full = [len(item.keys) - 1 for item in items]  # keys are sorted by units: the last is the dense level
     out = []
@@ -223,9 +254,14 @@ def probe_coefficients(items: list[Item], stitcher: "Stitcher", score: Callable[
         half = max(item.costs) / 2
         partial = [j for j in range(len(item.keys) - 1) if item.keys[j] not in ((0, 0), 0)] or [0]
         j = min(partial, key=lambda j: abs(item.costs[j] - half))
-        picked = list(full)
-        picked[i] = j
-        value = score(stitcher.build(items, picked))
+        if stitcher.swappable(item, j):
+            with stitcher.swapped(item, j) as model, \
+                    (resume(model, item.layer) if resume is not None else contextlib.nullcontext()):
+                value = score(model)
+        else:
+            picked = list(full)
+            picked[i] = j
+            value = score(stitcher.build(items, picked))
         out.append(max(value, 0.0) / max(item.losses[j], 1e-12) if item.losses[j] > 0 else 0.0)
         if progress is not None:
             progress(i)

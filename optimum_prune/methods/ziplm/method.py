@@ -18,6 +18,7 @@ from ...engine.sequential import SequentialOptions
 from ...engine.structure.database import LevelDatabase, build_database
 from ...engine.structure.search import (Item, Stitcher, budget_for, check_targets, chosen_levels, dp_select, items_from,
                                         predicted_ms, probe_coefficients, reachable_range, refine)
+from ...evaluation.prefix_cache import PrefixCache
 from ...evaluation.scorer import CalibrationScorer
 from ...modeling.pruning_config import PruningConfig
 from ...modeling.surgery import current_structure
@@ -46,6 +47,8 @@ class ZipLMSettings:
     max_corrections: int = 3
     obs_steps: int = 2048
     """Greedy OBS steps per FFN in the level database (wider FFNs remove several neurons per step)."""
+    database_memory: int | None = None
+    """Bytes of the level database's Hessians kept in memory; the rest are memory-mapped files (None: all kept)."""
 
 
 @dataclass
@@ -81,7 +84,8 @@ def run_ziplm(model: nn.Module, input_ids: torch.Tensor, targets: list[float], t
     check_targets(targets, table)  # before the (long) database pass
     if database is None:
         database = build_database(model, input_ids, mlp_kept=sorted(table.mlp), dampening=settings.dampening,
-                                  options=options, obs_steps=settings.obs_steps)
+                                  options=options, obs_steps=settings.obs_steps,
+                                  spill_above=settings.database_memory)
     items = items_from(database, table)
     low, high = reachable_range(table)
     stitcher = Stitcher(model, database)
@@ -147,10 +151,29 @@ def sensitivity(model: nn.Module, items: list[Item], stitcher: Stitcher, databas
         return [cached[f"{i.layer}.{i.kind}"] for i in items]
     probe = CalibrationScorer(model, input_ids[: settings.probe_samples], settings.top_k, options.batch_size)
     bar = tqdm(total=len(items), desc="ZipLM sensitivity probes", disable=not options.progress)
-    values = probe_coefficients(items, stitcher, probe, progress=lambda i: bar.update(1))
+    values = probe_coefficients(items, stitcher, probe, progress=lambda i: bar.update(1),
+                                resume=_dense_prefix(model, probe, options) if probe.causal else None)
     bar.close()
     database.info[key] = {f"{i.layer}.{i.kind}": v for i, v in zip(items, values)}
     return values
+
+
+PROBE_CACHE_MIB = 512.0
+"""Bound on the dense hidden states kept for the probes (a probe of layer L starts at block L)."""
+
+
+def _dense_prefix(model: nn.Module, probe: CalibrationScorer, options: SequentialOptions):
+    """``resume(model, layer)`` for the probes: the dense model's states entering each block on the probe windows,
+    so probing layer L runs blocks L.. only (exact: the blocks before L are the dense ones)."""
+    cache = PrefixCache(model, probe.ids, PROBE_CACHE_MIB)
+    if not cache.enabled:
+        return None
+    cache.set_parent(["dense"] * cache.depth)
+    cache.fill(model, list(range(probe.ids.shape[0])), options.batch_size)
+
+    def resume(candidate: nn.Module, layer: int):
+        return cache.resume(candidate, max((b for b in cache.boundaries if b <= layer), default=0))
+    return resume
 
 
 def _holdout_check(result, items: list[Item], stitcher: Stitcher, holdout: CalibrationScorer | None
@@ -175,7 +198,7 @@ def _holdout_check(result, items: list[Item], stitcher: Stitcher, holdout: Calib
 
 def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, result, settings: ZipLMSettings,
                   measure: Callable[[nn.Module], float], pruned: nn.Module, progress: bool = True):
-    """Measure; while off by more than the tolerance, re-aim the DP by the miss. Keeps the closest model and says
+    """Measure; while off by more than the tolerance, re-aim the DP (``next_aim``). Keeps the closest model and says
     whether it still misses (``target_missed``, with the relative ``miss``)."""
     low, high = reachable_range(table)
     picked, aim = result.picked, target
@@ -184,18 +207,20 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
     bar.update(1)
     bar.set_postfix(measured=f"{speed:.3f}x")
     best = (abs(speed / target - 1), picked, pruned, speed, aim)
-    aims = [aim]
+    aims, points, measured = [aim], [(aim, speed)], [picked]
     for _ in range(settings.max_corrections):
         if best[0] <= settings.speedup_tolerance:
             break
-        aim = min(max(aim * target / speed, low), high)  # measured faster than aimed: aim lower, and vice versa
+        aim = min(max(next_aim(points, target), low), high)
         aims.append(aim)
         choice = dp_select(items, table.dense_ms / aim - table.rest_ms, result.coefficients, settings.resolution)
-        if choice == picked:
+        if choice in measured:
             break
         picked = choice
+        measured.append(picked)
         candidate = stitcher.build(items, picked)
         speed = measure(candidate)
+        points.append((aim, speed))
         bar.update(1)
         bar.set_postfix(measured=f"{speed:.3f}x", aim=f"{aim:.3f}x")
         if abs(speed / target - 1) < best[0]:
@@ -204,3 +229,19 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
     info = {"aimed_at": [round(a, 4) for a in aims], "aim": best[4], "miss": round(best[3] / target - 1, 4),
             "target_missed": best[0] > settings.speedup_tolerance}
     return best[1], best[2], best[3], info
+
+
+def next_aim(points: list[tuple[float, float]], target: float) -> float:
+    """The aim expected to measure ``target``, from the (aim, measured speedup) pairs so far.
+
+    With measurements on both sides of the target, interpolate between the closest two (the measured speedup
+    grows with the aim, up to noise), so the aims close in instead of swinging from side to side; with all on
+    one side, scale the closest one's aim by its miss (measured faster than aimed: aim lower).
+    """
+    below = [p for p in points if p[1] < target]
+    above = [p for p in points if p[1] >= target]
+    if below and above:
+        (a0, s0), (a1, s1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        return a0 + (target - s0) * (a1 - a0) / (s1 - s0) if s1 > s0 else (a0 + a1) / 2
+    aim, speed = min(points, key=lambda p: abs(p[1] / target - 1))
+    return aim * target / speed
