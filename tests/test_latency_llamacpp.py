@@ -10,7 +10,7 @@ import pytest
 import torch
 from zoo import FAMILIES, VOCAB
 
-from optimum_prune import Pruner
+from optimum_prune import Pruner, get_adapter
 from optimum_prune.evaluation import table_cache
 from optimum_prune.evaluation.latency_table import (InferenceEnvironment, LatencyTable, get_latency_table,
                                                     latency_table_path, measure_llamacpp_table)
@@ -26,6 +26,12 @@ CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed
 @pytest.fixture(scope="module")
 def llama():
     return FAMILIES["llama-gqa"].build()
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """One table cache for the module: the ZipLM test reuses the table the table test measured."""
+    return tmp_path_factory.mktemp("llamacpp_cache")
 
 
 # ------------------------------------------------------------------------------------ the environment
@@ -72,7 +78,7 @@ def test_ziplm_config_checks_a_llamacpp_environment_before_the_model_loads():
 # ------------------------------------------------------------------------------------ tables
 
 
-def test_llamacpp_table_is_measured_cached_and_reused(llama, tmp_path, monkeypatch, caplog):
+def test_llamacpp_table_is_measured_cached_and_reused(llama, cache_root, monkeypatch, caplog):
     calls = []
     real = table_cache.measure_llamacpp_table
 
@@ -81,6 +87,7 @@ def test_llamacpp_table_is_measured_cached_and_reused(llama, tmp_path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(table_cache, "measure_llamacpp_table", counting)
+    tmp_path = cache_root / "latency"
     table = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
     assert len(calls) == 1 and table.environment.engine == "llama.cpp" and table.environment_key == ENV.key()
     assert set(table.attention) == {(0, 0), (1, 1), (1, 2), (2, 1), (2, 2)} and table.mlp_grid == [24, 48]
@@ -96,6 +103,20 @@ def test_llamacpp_table_is_measured_cached_and_reused(llama, tmp_path, monkeypat
     line = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert len(line) == 1 and "for llama.cpp cpu f16, batch 1 x 8 tokens, decode" in line[0]
     assert "llama.cpp cpu f16" in table.to_text()
+
+
+def test_table_files_are_timed_in_groups_that_fit_in_memory(llama, monkeypatch, tmp_path):
+    from optimum_prune.evaluation import llamacpp_table
+    from optimum_prune.export.synthetic import SyntheticShape
+
+    dims = get_adapter(llama).dims(llama.config)
+    probes = llamacpp_table._Probes(tmp_path, ENV, SyntheticShape(32, 8, 64), 4, None)
+    levels = [("attention", (g, q)) for g in (1, 2) for q in (1, 2)] + [("mlp", 24), ("mlp", 48)]
+    assert llamacpp_table._groups(levels, probes, 10_000, dims, ENV) == [levels]  # all fit: one child process
+    monkeypatch.setattr(llamacpp_table, "_available_bytes", lambda: 0)
+    assert llamacpp_table._groups(levels, probes, 10_000, dims, ENV) == [[level] for level in levels]
+    assert [layer.n_head for layer in probes.layers("attention", (2, 2))] == [1, 4, 4, 4, 4]  # anchor, then D
+    assert [layer.n_ff for layer in probes.layers("mlp", 24)] == [32, 24, 24, 24, 24]
 
 
 def test_a_family_llamacpp_cannot_run_is_refused_before_timing():
@@ -129,8 +150,8 @@ def test_a_crashing_llamacpp_child_names_the_signal_and_the_rebuild():
 # ------------------------------------------------------------------------------------ ZipLM
 
 
-def test_ziplm_timed_in_llamacpp_records_the_engine_and_the_measured_speedup(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path / "cache"))
+def test_ziplm_timed_in_llamacpp_records_the_engine_and_the_measured_speedup(tmp_path, cache_root, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(cache_root))  # the table measured above, if it ran
     pruner = Pruner(FAMILIES["llama-gqa"].build())
     # tiny models time as noise: measure once, do not re-aim on it (re-aiming is tested in test_ziplm.py)
     pruner.prune(target_speedup=1.5, latency=dict(engine="llama.cpp", mode="decode", seq_len=8, threads=1),
