@@ -150,3 +150,20 @@ def test_heal_with_a_teacher_cache_builds_it_once_and_reuses_it(tmp_path):
     assert manifest["top_k"] == 8 and manifest["num_windows"] == IDS.shape[0]
     with pytest.raises(ValueError, match="distill_from"):
         pruner.heal(IDS, teacher_cache=tmp_path / "cache", max_steps=1)
+
+
+def test_gradual_ziplm_reads_one_cache_in_every_stage(tmp_path):
+    from test_ziplm import CALIB, proportional_table
+
+    train = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(5))
+    losses = {}
+    for cache in (None, tmp_path / "kd"):
+        model = FAMILIES["llama-gqa"].build()
+        pruner = Pruner(model)
+        pruner.prune(target_speedup=1.8, latency_table=proportional_table(model), calibration=CALIB,
+                     search_iterations=0, progress=False,
+                     finetune=dict(train_dataset=train, max_steps=2, stages=2, learning_rate=1e-3, disable_tqdm=True,
+                                   teacher_cache=cache, teacher_top_k=0))
+        losses[cache] = [stage["train_loss"] for stage in pruner.pruning_config.search["stages"]]
+    assert losses[tmp_path / "kd"] == pytest.approx(losses[None], rel=1e-4)  # a full cache is the live teacher
+    assert json.loads((tmp_path / "kd" / "manifest.json").read_text())["top_k"] is None

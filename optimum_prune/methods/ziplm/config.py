@@ -36,6 +36,10 @@ class FinetuneConfig(ConfigBase):
                          aliases=("--stages",))
     alpha: float = option(1.0, "weight of the distillation loss (1: distillation only; 0: plain LM loss)")
     temperature: float = option(1.0, "distillation temperature")
+    teacher_cache: Any = option(None, "a directory for the dense model's logits on the fine-tuning windows, computed "
+                                      "once and read by every stage (a step then runs the student only)")
+    teacher_top_k: int = option(100, "with teacher_cache: the teacher's top-k logits + log-sum-exp per token "
+                                     "(docs/healing.md); 0: full log-probs")
     learning_rate: float = option(5e-5, "fine-tuning learning rate", aliases=("--learning-rate",))
     per_device_train_batch_size: int = option(4, "windows per device and optimizer step")
     num_samples: int = option(None, "training windows (default: max_steps x batch size)")

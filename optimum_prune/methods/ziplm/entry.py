@@ -13,6 +13,7 @@ from ...engine.structure.search import check_targets
 from ...evaluation.latency_table import (SpeedupMeasurement, latency_environment, latency_table_path,
                                          measure_speedup, resolve_latency_table)
 from ...records import Metrics
+from ...teacher_cache import build_teacher_cache
 from ..base import RunConfig
 from .config import FinetuneConfig, ZipLMConfig
 from .estimate import estimate_ziplm, say
@@ -117,5 +118,11 @@ def finetune_settings(session: Any, finetune: FinetuneConfig, options: RunConfig
     seq_len = finetune.seq_len or options.seq_len
     train_ids, _ = load_calibration(finetune.train_dataset, session.tokenizer, num_samples=num_samples,
                                     seq_len=seq_len, seed=options.seed + 1, model=session.model)
+    cache = None
+    if finetune.teacher_cache is not None and finetune.alpha > 0:  # the dense model, before any pruning step
+        cache = build_teacher_cache(session.model, train_ids, finetune.teacher_cache, tokenizer=session.tokenizer,
+                                    top_k=finetune.teacher_top_k or None, temperature=finetune.temperature,
+                                    batch_size=finetune.per_device_train_batch_size, progress=options.progress)
     return FinetuneSettings(train_ids=train_ids, training_args=args, max_steps=finetune.max_steps,
-                            stages=finetune.stages, alpha=finetune.alpha, temperature=finetune.temperature)
+                            stages=finetune.stages, alpha=finetune.alpha, temperature=finetune.temperature,
+                            teacher_cache=cache)

@@ -42,6 +42,8 @@ class FinetuneSettings:
     alpha: float = 1.0
     """Weight of the token-level distillation loss (1: distillation only; 0: plain LM loss)."""
     temperature: float = 1.0
+    teacher_cache: Any = None
+    """A ``TeacherCache`` of the dense model on ``train_ids``: every stage reads it instead of running the teacher."""
     training_args: dict[str, Any] = field(default_factory=dict)
     """Further ``TrainingArguments`` (learning_rate, per_device_train_batch_size, gradient_checkpointing, ...)."""
 
@@ -103,7 +105,8 @@ def run_gradual(model: nn.Module, input_ids: torch.Tensor, targets: list[float],
         masks = structure_masks(student, structure)
         before = scorer(student) if scorer is not None else None
         metrics = finetune(student, tuning.train_ids, teacher=model, alpha=tuning.alpha,
-                           temperature=tuning.temperature, masks=masks, max_steps=tuning.max_steps,
+                           temperature=tuning.temperature, teacher_cache=tuning.teacher_cache, masks=masks,
+                           max_steps=tuning.max_steps,
                            **tuning.training_args)
         after = scorer(student) if scorer is not None else None
         previous = {(item.layer, item.kind): set(stitcher._sub(item).levels[item.keys[j]].removed)
