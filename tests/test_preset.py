@@ -20,7 +20,7 @@ def test_fast_preset_fills_the_defaults_and_explicit_settings_win():
     config = ZipLMConfig(target_speedup=1.25, preset="fast", search_iterations=12, latency={"batch_size": 2})
     assert config.search_iterations == 12  # given
     assert config.search_samples == 2 and config.latency_mlp_levels == 8 and config.latency_repeats == 5
-    assert config.probe_samples == 0 and config.speedup_rounds == 3 and config.database_steps == 128
+    assert config.probe_samples == 1 and config.speedup_rounds == 3 and config.database_steps == 128
     assert config.latency == {"seq_len": 64, "batch_size": 2}
     run = config.run_settings(RunConfig())
     assert (run.num_samples, run.seq_len) == (16, 256)

@@ -98,7 +98,7 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
         steps = min(F, config.database_steps)
         obs_flops = layers * 2 * steps * (F * F + d * F)
         database = samples * t_window * HOOKED_PASS + obs_flops / (flop_rate * OBS_FLOP_RATE)
-    probes = 2 * layers * config.probe_samples + config.probe_samples
+    probes = layers * config.probe_samples + config.probe_samples  # 2 per layer, each from its own block on
     scored = config.search_iterations * config.search_samples + 4 * config.search_samples
     search = (probes + targets * scored) * t_window
     measure = 0.0
