@@ -110,6 +110,10 @@ def packing_problem(model: nn.Module, *, symmetric: bool = True) -> str | None:
     for block in adapter.layers(model):
         for group in linear_groups(adapter, block):
             for module in group.modules:
+                if group.expert is not None:
+                    return ("cannot save packed weights for Mixture-of-Experts experts: they are fused 3-D tensors, "
+                            "and compressed-tensors stores nn.Linear only. Use the Python API and evaluate the "
+                            "fake-quantized model in memory")
                 if not isinstance(module, nn.Linear):
                     return (f"cannot save packed weights for {type(module).__name__} layers (GPT-2 uses Conv1D): "
                             "compressed-tensors stores nn.Linear only. Quantize a Llama-style, OPT or BERT model, "
@@ -130,6 +134,7 @@ def check_packable(model: nn.Module, records: dict[str, QuantRecord]) -> None:
     if bad:
         raise TypeError(
             f"cannot save packed weights for {bad[:3]}{'...' if len(bad) > 3 else ''}: compressed-tensors "
-            "stores nn.Linear layers only (GPT-2 uses Conv1D). Evaluate the fake-quantized model in memory, "
+            "stores nn.Linear layers only (GPT-2 uses Conv1D; Mixture-of-Experts experts are fused 3-D tensors). "
+            "Evaluate the fake-quantized model in memory, "
             "or quantize a Llama-style, OPT or BERT model"
         )

@@ -91,7 +91,8 @@ def test_registry_maps_every_name_to_its_config_and_entry():
         assert callable(spec.run)
     assert REGISTRY.for_keyword("quantize", "evopress").config_class is EvoPressBitsConfig
     assert REGISTRY.for_keyword("prune", "evopress").config_class is EvoPressConfig
-    assert set(REGISTRY.names("prune")) == {"ziplm", "layerchop", "evopress", "sparsegpt", "wanda", "magnitude"}
+    assert set(REGISTRY.names("prune")) == {"ziplm", "layerchop", "evopress", "sparsegpt", "wanda", "magnitude",
+                                            "reap"}
     with pytest.raises(ValueError, match="choose one of gptq, evopress"):
         REGISTRY.for_keyword("quantize", "awq")
     with pytest.raises(ValueError, match="registered already"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from optimum_prune import Pruner, PruningConfig
+from optimum_prune import Pruner, PruningConfig, Quantizer
 from optimum_prune.modeling.adapters import get_adapter, get_module
 from optimum_prune.modeling.integrity import CheckpointIntegrityError
 from optimum_prune.modeling.pruning_config import PruningConfigError
@@ -172,3 +172,42 @@ def test_reap_refuses_a_ratio_that_leaves_fewer_experts_than_top_k_before_calibr
     from optimum_prune.cli.flags import config_flag_names
     from optimum_prune.methods.experts.config import REAPConfig
     assert {"--experts-ratio", "--scope"} <= set(config_flag_names(REAPConfig))
+
+
+# ----------------------------------------------------------------------------- the engine on experts
+def _expert_matrices(model):
+    """(layer, expert, [out, in] weight) of every expert's gate/up and down matrices."""
+    adapter = get_adapter(model)
+    for layer, block in enumerate(adapter.layers(model)):
+        _, experts = adapter.experts.modules(block)
+        for param in (experts.gate_up_proj, experts.down_proj):
+            yield from ((layer, e, w) for e, w in enumerate(param.data))
+
+
+def test_sparsegpt_half_sparsifies_every_expert_matrix_and_leaves_an_unrouted_expert(caplog):
+    model = MOE_FAMILIES["mixtral"].build()
+    never_routed(model, 1, 3)
+    unrouted = [get_adapter(model).experts.modules(get_adapter(model).layers(model)[1])[1].gate_up_proj[3].clone()]
+    pruner = Pruner(model)
+    with caplog.at_level("WARNING"):
+        pruner.prune(method="sparsegpt", sparsity=0.5, calibration=_calibration(), batch_size=4, progress=False)
+    experts = get_adapter(model).experts.modules(get_adapter(model).layers(model)[1])[1]
+    assert torch.equal(experts.gate_up_proj[3], unrouted[0])  # no token reached it: left as it was, and said so
+    assert "layer 1: experts [3]" in caplog.text and "received no calibration token" in caplog.text
+    for layer, e, w in _expert_matrices(model):
+        assert (w == 0).float().mean().item() == (0.0 if (layer, e) == (1, 3) else 0.5)
+    assert torch.isfinite(outputs(model, inputs())).all()
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_gptq_8bit_on_experts_is_close_to_dense(family):
+    model = MOE_FAMILIES[family].build()
+    before = [w.clone() for _, _, w in _expert_matrices(model)]
+    expected = outputs(model, inputs())
+    quantizer = Quantizer(model)
+    quantizer.quantize(bits=8, group_size=8, calibration=_calibration(), batch_size=4, progress=False)
+    got = outputs(model, inputs())
+    assert ((got - expected).norm() / expected.norm()).item() < MOE_FAMILIES[family].gptq_8bit_rel_err
+    # every expert matrix moved onto an 8-bit grid (changed, by little)
+    for (_, _, w), b in zip(_expert_matrices(model), before):
+        assert not torch.equal(w, b) and ((w - b).norm() / b.norm()).item() < 2e-2

@@ -124,15 +124,16 @@ MOE_FAMILIES: dict[str, Family] = {f.name: f for f in [
 
 
 def never_routed(model: nn.Module, layer: int, expert: int) -> None:
-    """Make ``expert`` of ``layer`` unreachable: its router logit is about -1e3 x 5 for every token.
+    """Make ``expert`` of ``layer`` unreachable: its router logit is below -500 for every token (probability 0).
 
-    Every token's embedding gets a constant +1 in channel 0 (the random blocks barely move it), so the
-    router input's channel 0 is always positive; the expert's router row reads only that channel, negated.
+    Every token's embedding gets a constant 0.05 in channel 0 (the random blocks barely move it; the others
+    keep their random values, so routing stays diverse): the router input's channel 0 is then always
+    positive (0.5 or more in these models), and the expert's router row reads only that channel, negated.
     """
     adapter = get_adapter(model)
     router, _ = adapter.experts.modules(adapter.layers(model)[layer])
     with torch.no_grad():
-        model.get_input_embeddings().weight[:, 0] = 1.0
+        model.get_input_embeddings().weight[:, 0] = 0.05
         router.weight[expert] = 0.0
         router.weight[expert, 0] = -1e3
 

@@ -106,12 +106,16 @@ class _BlockCompressor:
     def __call__(self, layer: int, block: nn.Module, groups: list[LinearGroup],
                  hessians: dict[str, torch.Tensor]) -> dict[str, Any]:
         total_loss, zeros, numel, damp = 0.0, 0, 0, 0.0
+        untouched: set[int] = set()
         for group in groups:
             H = hessians.get(group.kind)
+            if H is None and group.expert is not None and self.plan.needs_hessians:
+                untouched.add(group.expert)  # no calibration token was routed to it: nothing to calibrate on
+                continue
             if H is not None and H.dim() == 1:
                 H = torch.diag(H)  # Wanda collected only the diagonal
-            for module in group.modules:
-                name = self.names[id(module)]
+            for path, module in zip(group.names, group.modules):
+                name = self.names.get(id(module)) or f"{self.names[id(block)]}.{path}"
                 self._layer_of[name] = layer
                 prune, quant = self.plan.prune_spec(layer, name), self.plan.quant_spec(layer, name)
                 try:
@@ -120,13 +124,18 @@ class _BlockCompressor:
                 except HessianError as err:
                     raise HessianError(f"layer {layer}, module `{name}`: {err}") from err
                 set_weight(module, result.weight)
-                self._record(module, result, quant)
+                self._record(name, result, quant)
                 if result.loss == result.loss:  # not NaN (Wanda / magnitude have no OBS loss)
                     total_loss += result.loss
                 damp = max(damp, result.damp)
                 zeros += int((result.weight == 0).sum())
                 numel += result.weight.numel()
         stats: dict[str, Any] = {"sparsity": round(zeros / max(numel, 1), 5)}
+        if untouched:
+            stats["experts_without_tokens"] = sorted(untouched)
+            logger.warning("layer %d: experts %s (positions among the layer's experts) received no calibration token "
+                           "and are left unchanged; more calibration data (num_samples, seq_len) reaches them",
+                           layer, sorted(untouched))
         if self.plan.needs_hessians == "full":
             stats["loss"] = total_loss
         if damp > self.plan.dampening:
@@ -152,11 +161,10 @@ class _BlockCompressor:
                                                    tensors.get(f"{name}.zero"), quant.for_columns(tensors[key].shape[1]))
                 self._layer_of[name] = layer
 
-    def _record(self, module: nn.Module, result: CompressedWeight, quant: QuantSpec | None) -> None:
+    def _record(self, name: str, result: CompressedWeight, quant: QuantSpec | None) -> None:
         if quant is not None and result.codes is not None:
-            self.quantized[self.names[id(module)]] = QuantRecord(result.codes.cpu(), result.scale.cpu(),
-                                                                 None if result.zero is None else result.zero.cpu(),
-                                                                 result.spec or quant)
+            self.quantized[name] = QuantRecord(result.codes.cpu(), result.scale.cpu(),
+                                               None if result.zero is None else result.zero.cpu(), result.spec or quant)
 
 
 def compress_model(model: nn.Module, input_ids: torch.Tensor | None, plan: CompressionPlan,

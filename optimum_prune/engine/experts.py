@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -74,6 +74,22 @@ def split_by_expert(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Te
         yield Routed(e, hidden[token], weights[token, slot])
 
 
+def routing_hook(experts: nn.Module, callback: Callable[[nn.Module, Routed], None],
+                 count: Callable[[nn.Module], int] | None = None) -> Any:
+    """Register a forward pre-hook calling ``callback(experts, routed)`` per expert that receives tokens; returns
+    the handle. ``count``: the module's current number of experts (default: its ``num_experts``)."""
+    read = _routing_arguments(experts)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, index, weights = read(args, kwargs)
+        total = count(module) if count is not None else module.num_experts
+        with torch.no_grad():
+            for routed in split_by_expert(hidden.detach(), index.detach(), weights.detach(), total):
+                callback(module, routed)
+
+    return experts.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 @contextmanager
 def on_routed_tokens(adapter: ArchitectureAdapter, block: nn.Module,
                      callback: Callable[[ExpertLayout, nn.Module, Routed], None]) -> Iterator[None]:
@@ -84,16 +100,8 @@ def on_routed_tokens(adapter: ArchitectureAdapter, block: nn.Module,
         yield
         return
     layout, experts = found
-    read = _routing_arguments(experts)
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden, index, weights = read(args, kwargs)
-        count = getattr(module, layout.gate_up).shape[0]
-        with torch.no_grad():
-            for routed in split_by_expert(hidden.detach(), index.detach(), weights.detach(), count):
-                callback(layout, module, routed)
-
-    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = routing_hook(experts, lambda module, routed: callback(layout, module, routed),
+                          count=lambda module: getattr(module, layout.gate_up).shape[0])
     try:
         yield
     finally:

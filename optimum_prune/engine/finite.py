@@ -60,11 +60,14 @@ def check_finite_weights(model: nn.Module) -> None:
 def finite_hessians(layer: int, groups: list[LinearGroup], accumulators: dict) -> dict[str, torch.Tensor]:
     """{group kind: Hessian} of one block, after checking every input the block's Linears saw was finite.
 
-    ``accumulators`` are ``capture_hessians``'s, which count the non-finite inputs they were given.
+    ``accumulators`` are ``capture_hessians``'s, which count the non-finite inputs they were given. An expert
+    that received no calibration token gets no Hessian.
     """
     by_kind = {g.kind: g for g in groups}
     out: dict[str, torch.Tensor] = {}
     for kind, acc in accumulators.items():
+        if acc.tokens == 0 and kind in by_kind and by_kind[kind].expert is not None:
+            continue  # an expert the router sent no calibration token: no Hessian (the compressor reports it)
         names = ", ".join(by_kind[kind].names) if kind in by_kind else kind
         bad = int(acc.nonfinite)
         if bad:

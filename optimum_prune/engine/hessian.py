@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling.adapters import get_adapter
+from .experts import routing_hook
 from .layers import LinearGroup, original_layer_indices
 
 
@@ -45,23 +46,45 @@ def capture_hessians(groups: list[LinearGroup], device: torch.device | str,
                      diagonal_only: bool = False) -> Iterator[dict[str, HessianAccumulator]]:
     """While active, every forward through a group's first Linear adds its input to that group's Hessian.
 
-    Yields {group kind: accumulator}; the Linears of a group share the one accumulator.
+    Yields {group kind: accumulator}; the Linears of a group share the one accumulator. An expert's groups
+    see only the tokens routed to that expert: its gate/up matrix their inputs, its down matrix their
+    intermediate activations (an expert that gets no token ends with an empty accumulator).
     """
     accumulators: dict[str, HessianAccumulator] = {}
     handles = []
+    routed: dict[int, tuple[nn.Module, dict[tuple[int, str], HessianAccumulator]]] = {}
     for group in groups:
         acc = HessianAccumulator(group.in_features, device, diagonal_only)
         accumulators[group.kind] = acc
+        if group.expert is not None:
+            matrix = group.modules[0]
+            table = routed.setdefault(id(matrix.experts), (matrix, {}))[1]
+            table[(group.expert, group.kind.partition(".")[0])] = acc
+            continue
 
         def hook(module: nn.Module, args: tuple, acc: HessianAccumulator = acc) -> None:
             acc.add(args[0])
 
         handles.append(group.modules[0].register_forward_pre_hook(hook))
+    for matrix, table in routed.values():
+        layout = matrix.layout
+        handles.append(routing_hook(matrix.experts, lambda experts, r, table=table, layout=layout:
+                                    _add_routed(layout, experts, r, table),
+                                    count=lambda experts, layout=layout: getattr(experts, layout.gate_up).shape[0]))
     try:
         yield accumulators
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _add_routed(layout, experts: nn.Module, routed, table: dict) -> None:
+    """One expert's routed tokens into its two accumulators (inputs; intermediate activations)."""
+    acc_in, acc_out = table.get((routed.position, "expert_in")), table.get((routed.position, "expert_out"))
+    if acc_in is not None:
+        acc_in.add(routed.tokens)
+    if acc_out is not None:
+        acc_out.add(layout.expert_hidden(experts, routed.position, routed.tokens))
 
 
 class ResidualNorms:

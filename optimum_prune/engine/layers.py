@@ -1,7 +1,9 @@
 """The compressible Linears of a block, grouped by shared input, found through the architecture adapter.
 
 Algorithms see a block as a list of ``LinearGroup``s (q/k/v share one input, gate/up share one, ...),
-so one Hessian serves a whole group and no algorithm knows where a family keeps its projections.
+so one Hessian serves a whole group and no algorithm knows where a family keeps its projections. A
+Mixture-of-Experts block adds two groups per expert (its fused gate/up matrix, its down matrix), whose
+Hessians come from the tokens routed to that expert alone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..modeling.adapters import ArchitectureAdapter, get_adapter, get_module
+from ..modeling.adapters import ArchitectureAdapter, ExpertLayout, get_adapter, get_module
 from ..modeling.surgery import current_structure
 from .streaming import resident
 
@@ -22,17 +24,35 @@ class LinearGroup:
     """Linears of one block that read the same input (one Hessian for all of them)."""
 
     kind: str
-    """"attention_in", "attention_out", "mlp_in" or "mlp_out"."""
+    """"attention_in", "attention_out", "mlp_in", "mlp_out", or "expert_in.<e>" / "expert_out.<e>"."""
     names: list[str]
     """Paths relative to the block."""
     modules: list[nn.Module]
+    expert: int | None = None
+    """For an expert's group: the expert's position among the layer's current experts."""
 
     @property
     def in_features(self) -> int:
         return in_features(self.modules[0])
 
 
-def is_compressible(module: nn.Module) -> bool:
+class ExpertMatrix:
+    """One expert's projection inside a fused 3-D expert tensor, seen as a Linear's [out, in] weight (a view:
+    writing it writes the expert's slice of the tensor)."""
+
+    bias = None
+
+    def __init__(self, layout: ExpertLayout, experts: nn.Module, param: str, position: int) -> None:
+        self.layout, self.experts, self.param, self.position = layout, experts, param, position
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts, self.param).data[self.position]
+
+
+def is_compressible(module: nn.Module | ExpertMatrix) -> bool:
+    if isinstance(module, ExpertMatrix):
+        return module.weight.numel() > 0
     return isinstance(module, (nn.Linear, Conv1D)) and module.weight.numel() > 0
 
 
@@ -61,6 +81,13 @@ def linear_groups(adapter: ArchitectureAdapter, block: nn.Module) -> list[Linear
         found = [(p, m) for p, m in found if is_compressible(m)]
         if found:
             groups.append(LinearGroup(kind, [p for p, _ in found], [m for _, m in found]))
+    layout = adapter.experts
+    if layout is not None and _has(block, layout.experts):
+        experts = get_module(block, layout.experts)
+        for e in range(getattr(experts, layout.gate_up).shape[0]):
+            for role, param in (("expert_in", layout.gate_up), ("expert_out", layout.down)):
+                groups.append(LinearGroup(f"{role}.{e}", [f"{layout.experts}.{param}.{e}"],
+                                          [ExpertMatrix(layout, experts, param, e)], expert=e))
     return groups
 
 
