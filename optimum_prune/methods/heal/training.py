@@ -76,8 +76,6 @@ def heal(model: nn.Module, train_ids: torch.Tensor, *, max_steps: int = 1000, le
             torch.manual_seed(training_args.get("seed", 0))
             trained, adapted = wrap(model, settings)
         trainable = trainable_parameters(trained)
-        if gradient_checkpointing:
-            trained.enable_input_require_grads()  # the frozen embeddings must still pass gradients to the adapters
     metrics = finetune(trained, train_ids, teacher=teacher, alpha=alpha, temperature=temperature, masks=masks,
                        max_steps=max_steps, learning_rate=learning_rate,
                        per_device_train_batch_size=per_device_train_batch_size, output_dir=output_dir,
@@ -85,8 +83,10 @@ def heal(model: nn.Module, train_ids: torch.Tensor, *, max_steps: int = 1000, le
     if settings is not None:
         merge(trained, requires_grad)
         metrics["lora"] = lora_record(settings, adapted, trainable)
-    if gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if gradient_checkpointing:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()  # the Trainer's hook on the embeddings leaves with the checkpointing
     if use_cache is not None:
         model.config.use_cache = use_cache
     logger.info("healed for %s steps: train loss %.4f", metrics.get("global_step"),
