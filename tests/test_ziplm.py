@@ -566,6 +566,13 @@ def test_spilled_database_stitches_the_same_models(tmp_path):
     hessians = sum(sub.hessian.numel() * 4 for entry in kept.layers.values() for sub in (entry.attention, entry.mlp))
     assert kept.spilled_bytes() == 0 and spilled.spilled_bytes() == hessians - limit > 0
     assert not list(tmp_path.iterdir())  # mapped files are unlinked: nothing is left behind
+    from optimum_prune import ZipLMConfig
+    from optimum_prune.methods.base import ConfigError
+
+    assert ZipLMConfig(target_speedup=1.5, database_memory="2GB").database_memory_bytes == 2 * 10**9
+    assert ZipLMConfig(target_speedup=1.5, database_memory="0").database_memory_bytes == 0
+    with pytest.raises(ConfigError, match="database_memory"):
+        ZipLMConfig(target_speedup=1.5, database_memory="lots")
     for layer, entry in kept.layers.items():
         for kind in ("attention", "mlp"):
             a, b = getattr(entry, kind), getattr(spilled.layers[layer], kind)

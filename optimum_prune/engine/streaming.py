@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
+import struct
+import weakref
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from typing import Any, Iterator
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,8 +32,6 @@ from ..saving import atomic_write
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
 
 
 class StreamingError(ValueError):
@@ -42,14 +40,44 @@ class StreamingError(ValueError):
 
 def parse_memory(value: int | str) -> int:
     """Bytes of a memory budget: an int, or a string such as "1GB", "800MiB", "2.5 GB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)\s*", str(value), re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise StreamingError(f"max_memory={value!r} is not a memory size: use bytes or a string like '1GB' or '800MiB'")
-    unit = match.group(2).upper()
-    unit = unit if unit.endswith("B") or not unit else unit + "B"
-    return int(float(match.group(1)) * _UNITS[unit])
+    from ..sizes import parse_memory as parse
+
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise StreamingError(f"max_memory={err}") from None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """(tensor entries, byte offset of the data) of a safetensors file, reading only its header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_tensors(path: str | os.PathLike, keys: list[str]) -> dict[str, torch.Tensor]:
+    """``keys`` of a safetensors file, read into fresh memory (no mapping of the file: safetensors' own loader
+    maps the whole file, and its pages would count as resident until the tensors are freed)."""
+    header, start = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for key in keys:
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            f.seek(start + begin)
+            view = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor
+            if end > begin and f.readinto(memoryview(view.numpy())) != end - begin:
+                raise StreamingError(f"{path} is truncated (tensor {key!r}); restore the checkpoint")
+            out[key] = tensor
+    return out
 
 
 def shard_files(directory: str | os.PathLike) -> dict[str, str] | None:
@@ -58,8 +86,7 @@ def shard_files(directory: str | os.PathLike) -> dict[str, str] | None:
     if (directory / INDEX).is_file():
         return dict(json.loads((directory / INDEX).read_text())["weight_map"])
     if (directory / SINGLE).is_file():
-        with safe_open(str(directory / SINGLE), framework="pt") as f:
-            return {key: SINGLE for key in f.keys()}
+        return {key: SINGLE for key in read_header(directory / SINGLE)[0]}
     return None
 
 
@@ -90,7 +117,10 @@ class BlockStream:
         owns = work_dir is None
         work = Path(tempfile.mkdtemp(prefix="optimum-prune-stream-") if owns else work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        return cls(Path(directory), files, work, _owns_work=owns)
+        stream = cls(Path(directory), files, work, _owns_work=owns)
+        if owns:  # the compressed blocks live as long as the model that reads them
+            weakref.finalize(stream, shutil.rmtree, str(work), True)
+        return stream
 
     def _location(self, key: str) -> Path:
         if key in self.written:
@@ -105,10 +135,10 @@ class BlockStream:
         for name in self._names(module, prefix):
             by_file.setdefault(self._location(f"{prefix}{name}"), []).append((name, f"{prefix}{name}"))
         for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:  # the mapping closes with the file
-                for name, key in names:
-                    tensor = f.get_tensor(key)
-                    set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
+            tensors = read_tensors(path, [key for _, key in names])
+            for name, key in names:
+                tensor = tensors.pop(key)
+                set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
 
     def store(self, module: nn.Module, prefix: str, *, changed: bool, tag: str) -> None:
         """Return ``module``'s streamed tensors to meta, first writing them to the work directory when ``changed``."""
@@ -130,11 +160,6 @@ class BlockStream:
             if (key in self.files or key in self.written) and (not resident or tensor.device.type != "meta"):
                 out.append(name)
         return out
-
-    def close(self) -> None:
-        """Remove the work directory when the stream made it."""
-        if self._owns_work:
-            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -197,9 +222,7 @@ def _load_own(stream: BlockStream, module: nn.Module, prefix: str) -> None:
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         key = f"{prefix}{name}"
         if key in stream.files or key in stream.written:
-            path = stream._location(key)
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                value = f.get_tensor(key)
+            value = read_tensors(stream._location(key), [key])[key]
             set_module_tensor_to_device(module, name, "cpu", value=value, dtype=value.dtype)
 
 
@@ -211,12 +234,11 @@ def _store_own(stream: BlockStream, module: nn.Module, prefix: str) -> None:
 
 def _checkpoint_dtype(directory: Path, files: dict[str, str]) -> torch.dtype:
     """The dtype of the checkpoint's first floating tensor (what ``from_pretrained(dtype="auto")`` gives)."""
-    for key, name in files.items():
-        with safe_open(str(directory / name), framework="pt") as f:
-            dtype = f.get_slice(key).get_dtype()
-        mapping = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        if dtype in mapping:
-            return mapping[dtype]
+    for name in sorted(set(files.values())):
+        for entry in read_header(directory / name)[0].values():
+            dtype = _DTYPES[entry["dtype"]]
+            if dtype.is_floating_point:
+                return dtype
     return torch.float32
 
 
@@ -260,8 +282,7 @@ def save_streamed(model: nn.Module, directory: str | os.PathLike, blocks: nn.Mod
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         state: dict[str, torch.Tensor] = {}
         for key in keys:
-            with safe_open(str(stream._location(key)), framework="pt", device="cpu") as f:
-                state[key] = f.get_tensor(key)
+            state.update(read_tensors(stream._location(key), [key]))
         if records:
             state = packed_state_dict(model, records, state)
         save_file(state, str(directory / name), metadata={"format": "pt"})

@@ -8,6 +8,10 @@ yields every level. The database keeps only WHICH units each level removes and i
 corrected weights of any level are recomputed exactly from the dense W and H when a level is used
 (``refit``), instead of storing a weight copy per level.
 
+The Hessians dominate its size (fp32, in_features² per sublayer: about 17 GB for a 7B Llama). Past
+``spill_above`` bytes they are written to safetensors files and memory-mapped (``HessianSpill``): pages are
+read on use and the kernel may drop them again, so a database larger than host memory still serves.
+
 GQA: a level is (KV groups kept, query heads kept per group). Query heads are first removed one per
 group at a time (the least-loss head of every group, jointly), giving levels (G, q); from each of
 those, whole groups are removed greedily, giving (g, q) for every g. Without GQA, groups are heads.
@@ -15,11 +19,18 @@ those, whole groups are removed greedily, giving (g, q) for every g. Without GQA
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import struct
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
@@ -82,13 +93,63 @@ class LevelDatabase:
     info: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        """In-memory size: the Hessians dominate; the levels are index lists."""
+        """Size: the Hessians dominate (memory-mapped ones included); the levels are index lists."""
         total = 0
         for entry in self.layers.values():
             for sub in (entry.attention, entry.mlp):
                 total += sub.hessian.numel() * sub.hessian.element_size()
                 total += sum(8 * len(level.removed) + 16 for level in sub.levels.values())
         return total
+
+    def spilled_bytes(self) -> int:
+        """Bytes of the Hessians that live in memory-mapped files rather than in memory."""
+        return sum(sub.hessian.numel() * sub.hessian.element_size() for entry in self.layers.values()
+                   for sub in (entry.attention, entry.mlp) if getattr(sub.hessian, "spilled", False))
+
+
+# --------------------------------------------------------------------------- spilling to disk
+class HessianSpill:
+    """Keeps Hessians in memory up to ``above`` bytes, then writes each to a safetensors file and memory-maps it.
+
+    The files are unlinked once mapped (the mapping keeps them alive until the tensor is freed), so nothing is
+    left behind; ``directory`` (default: the system's temporary directory) should be on a disk with room.
+    """
+
+    def __init__(self, above: int | None, directory: str | os.PathLike | None = None) -> None:
+        self.above = above
+        self.directory = Path(directory) if directory is not None else None
+        self.resident = 0
+
+    def __call__(self, H: torch.Tensor, name: str) -> torch.Tensor:
+        size = H.numel() * H.element_size()
+        if self.above is None or self.resident + size <= self.above:
+            self.resident += size
+            return H
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"ziplm-{name}-", suffix=".safetensors",
+                                    dir=self.directory)
+        os.close(fd)
+        try:
+            save_file({"hessian": H.contiguous()}, path)
+            return mapped_tensor(path, "hessian")
+        finally:
+            os.unlink(path)
+
+
+def mapped_tensor(path: str | os.PathLike, key: str) -> torch.Tensor:
+    """A tensor of a safetensors file, memory-mapped copy-on-write (read on use; the file is never written)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    meta = header[key]
+    dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+    begin, _ = meta["data_offsets"]
+    array = np.memmap(path, dtype=dtypes[meta["dtype"]], mode="c", offset=8 + length + begin,
+                      shape=tuple(meta["shape"]))
+    tensor = torch.from_numpy(array)
+    tensor.spilled = True  # type: ignore[attr-defined]
+    return tensor
 
 
 # --------------------------------------------------------------------------- structured OBS
@@ -234,11 +295,15 @@ def refit(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> to
 
 # --------------------------------------------------------------------------- building the database
 def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[int], dampening: float = 0.01,
-                   options: SequentialOptions | None = None, obs_steps: int = 2048) -> LevelDatabase:
+                   options: SequentialOptions | None = None, obs_steps: int = 2048,
+                   spill_above: int | None = None, spill_dir: str | os.PathLike | None = None) -> LevelDatabase:
     """One read-only sequential pass over the dense model: the levels of every attention and MLP.
 
     ``obs_steps``: greedy OBS steps per FFN (a wider FFN removes several least-loss neurons per step).
+    ``spill_above``: bytes of Hessians kept in memory; the rest are memory-mapped from files in ``spill_dir``
+    (None: all in memory; 0: all mapped). The levels and the losses do not depend on it.
     """
+    spill = HessianSpill(spill_above, spill_dir)
     adapter = get_adapter(model)
     dims = adapter.dims(model.config)
     layers: dict[int, LayerDatabase] = {}
@@ -265,7 +330,7 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
             for level in levels.values():
                 if math.isnan(level.loss):
                     level.loss = full
-            subs[kind] = SublayerDatabase(kind, levels, Hd.cpu(), width)
+            subs[kind] = SublayerDatabase(kind, levels, spill(Hd.cpu(), f"{layer}-{kind}"), width)
         layers[layer] = LayerDatabase(layer, subs["attention"], subs["mlp"])
         return {"loss": subs["attention"].levels[(0, 0)].loss + subs["mlp"].levels[0].loss}
 
@@ -281,8 +346,11 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
     for layer, value in residual.medians().items():
         if layer in layers:
             layers[layer].scale = max(value, 1e-12)
-    return LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
-                                        "calibration_tokens": int(input_ids.numel()), "obs_steps": obs_steps})
+    database = LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
+                                            "calibration_tokens": int(input_ids.numel()), "obs_steps": obs_steps})
+    if spill_above is not None:
+        database.info["spilled_mib"] = round(database.spilled_bytes() / 2**20, 2)
+    return database
 
 
 

@@ -104,6 +104,9 @@ class ZipLMConfig(MethodConfig):
     dampening: float = option(0.01, "Hessian dampening, as a fraction of the mean diagonal")
     database_steps: int = option(2048, "greedy OBS steps per FFN in the level database (a wider FFN removes "
                                        "several least-loss neurons per step); fewer steps build it faster")
+    database_memory: Any = option(None, "keep at most this much of the level database's Hessians in memory (bytes "
+                                        "or '4GB'; they are fp32, in_features² per sublayer) and memory-map the "
+                                        "rest from temporary files; 0: all on disk (default: all in memory)")
     finetune: Any = option(None, "gradual ZipLM: a FinetuneConfig or its fields (train_dataset, max_steps, stages, "
                                  "...); None: one-shot", nested="optimum_prune.methods.ziplm.config:FinetuneConfig",
                            prefix="finetune-")
@@ -165,10 +168,22 @@ class ZipLMConfig(MethodConfig):
         self.finetune = FinetuneConfig.of(self.finetune)
         check_positive(self, "dampening", integer=False)
         check_positive(self, "latency_repeats", "speedup_rounds", "database_steps")
+        if self.database_memory is not None:
+            self.database_memory_bytes  # a bad size fails here, before any work
         if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) or self.probe_samples < 0:
             raise ConfigError(f"probe_samples must be an integer >= 0, got {self.probe_samples!r}")
         if self.latency_mlp_levels is not None:
             check_positive(self, "latency_mlp_levels")
+
+    @property
+    def database_memory_bytes(self) -> int | None:
+        """``database_memory`` in bytes (None: the whole level database in memory)."""
+        from ...sizes import parse_memory
+
+        try:
+            return None if self.database_memory is None else parse_memory(self.database_memory, zero=True)
+        except ValueError as err:
+            raise ConfigError(f"database_memory: {err}") from None
 
     @property
     def targets(self) -> list[float]:

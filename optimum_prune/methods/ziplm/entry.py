@@ -52,7 +52,7 @@ def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     env = table.environment
     settings = ZipLMSettings(search_iterations=config.search_iterations, search_samples=config.search_samples,
                              probe_samples=config.probe_samples, dampening=config.dampening, seed=options.seed,
-                             obs_steps=config.database_steps,
+                             obs_steps=config.database_steps, database_memory=config.database_memory_bytes,
                              speedup_tolerance=config.speedup_tolerance)
     timings: dict[int, SpeedupMeasurement] = {}
 

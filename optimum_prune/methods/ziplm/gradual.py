@@ -88,7 +88,8 @@ def run_gradual(model: nn.Module, input_ids: torch.Tensor, targets: list[float],
     history = []
     for step, stage in enumerate(stages):
         database = build_database(student, input_ids, mlp_kept=sorted(table.mlp), dampening=settings.dampening,
-                                  options=options, obs_steps=settings.obs_steps)
+                                  options=options, obs_steps=settings.obs_steps,
+                                  spill_above=settings.database_memory)
         items = _restrict(items_from(database, table), database, previous)
         budget = budget_for(stage, items, table)
         stitcher = Stitcher(student, database)
