@@ -90,25 +90,36 @@ def batch_seed(settings: GenerationSettings, index: int) -> int:
     return int(hashlib.sha256(f"{settings.split}:{settings.seed}:{index}".encode()).hexdigest()[:15], 16)
 
 
-def deduplicate(token_lists: list[list[int]], ngram: int = 32, min_tokens: int = 16) -> tuple[list[int], dict[str, int]]:
-    """Indices of the texts kept, in order, and how many were dropped as too short or as duplicates.
+class Deduplicator:
+    """Keeps a text unless it is shorter than ``min_tokens`` or shares an ``ngram``-token span (the whole text, if
+    shorter) with an earlier kept text; exact repeats are the simplest case. Incremental: one pass over a pool."""
 
-    A text is a duplicate when it shares any ``ngram``-token span (the whole text, if shorter) with an earlier
-    kept text; exact repeats are the simplest case.
-    """
-    seen: set[int] = set()
-    kept, short, duplicate = [], 0, 0
-    for i, ids in enumerate(token_lists):
-        if len(ids) < min_tokens:
-            short += 1
-            continue
-        spans = {hash(tuple(ids[j:j + ngram])) for j in range(max(1, len(ids) - ngram + 1))}
-        if spans & seen:
-            duplicate += 1
-            continue
-        seen |= spans
-        kept.append(i)
-    return kept, {"kept": len(kept), "too_short": short, "duplicates": duplicate}
+    def __init__(self, ngram: int = 32, min_tokens: int = 16) -> None:
+        self.ngram, self.min_tokens = ngram, min_tokens
+        self.seen: set[int] = set()
+        self.counts = {"kept": 0, "too_short": 0, "duplicates": 0}
+
+    def add(self, ids: list[int]) -> bool:
+        """Whether the text is kept (its spans then count as seen)."""
+        if len(ids) < self.min_tokens:
+            self.counts["too_short"] += 1
+            return False
+        n = self.ngram
+        spans = {hash(tuple(ids[j:j + n])) for j in range(max(1, len(ids) - n + 1))}
+        if not spans.isdisjoint(self.seen):
+            self.counts["duplicates"] += 1
+            return False
+        self.seen |= spans
+        self.counts["kept"] += 1
+        return True
+
+
+def deduplicate(token_lists: list[list[int]], ngram: int = 32,
+                min_tokens: int = 16) -> tuple[list[int], dict[str, int]]:
+    """Indices of the texts ``Deduplicator`` keeps, in order, and the counts kept / too short / duplicates."""
+    dedup = Deduplicator(ngram, min_tokens)
+    kept = [i for i, ids in enumerate(token_lists) if dedup.add(ids)]
+    return kept, dict(dedup.counts)
 
 
 @dataclass
@@ -120,15 +131,29 @@ class GeneratedPool:
     texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     batches: int = 0
+    kept_indices: list[int] = field(default_factory=list)
+    kept_token_count: int = 0
+    _dedup: Deduplicator | None = field(default=None, repr=False)
+
+    def add(self, texts: list[str], token_ids: list[list[int]]) -> None:
+        """Append one batch, deduplicating it against everything before."""
+        if self._dedup is None:
+            self._dedup = Deduplicator(self.settings.dedup_ngram, self.settings.min_tokens)
+        for text, ids in zip(texts, token_ids):
+            if self._dedup.add(ids):
+                self.kept_indices.append(len(self.texts))
+                self.kept_token_count += len(ids)
+            self.texts.append(text)
+            self.token_ids.append(ids)
+        self.batches += 1
 
     def kept(self) -> tuple[list[int], dict[str, int]]:
-        return deduplicate(self.token_ids, self.settings.dedup_ngram, self.settings.min_tokens)
+        """Indices of the kept texts and the deduplication counts."""
+        counts = dict(self._dedup.counts) if self._dedup else {"kept": 0, "too_short": 0, "duplicates": 0}
+        return list(self.kept_indices), counts
 
     def kept_texts(self) -> list[str]:
-        return [self.texts[i] for i in self.kept()[0]]
-
-    def kept_tokens(self) -> int:
-        return sum(len(self.token_ids[i]) for i in self.kept()[0])
+        return [self.texts[i] for i in self.kept_indices]
 
 
 def _start_token(model: nn.Module, tokenizer: Any) -> int:
@@ -165,7 +190,8 @@ def _open_directory(directory: Path, identity: dict[str, Any]) -> None:
                                      "cache_dir")
         return
     if directory.exists() and any(directory.iterdir()):
-        raise GeneratedTextError(f"{directory} exists and is not a generated-text cache: pick an empty or new directory")
+        raise GeneratedTextError(f"{directory} exists and is not a generated-text cache: pick an empty or new "
+                                 "directory")
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"format": FORMAT, "version": VERSION, "identity": identity}, indent=1))
 
@@ -187,15 +213,24 @@ def generate_pool(model: nn.Module, tokenizer: Any, *, num_tokens: int | None = 
     identity = _identity(model, tokenizer, settings)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / hashlib.sha256(
         json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # under `accelerate launch` one process samples, the others read
+        return _fill_pool(model, tokenizer, directory, identity, settings, num_tokens, num_texts, progress)
+
+
+def _fill_pool(model: nn.Module, tokenizer: Any, directory: Path, identity: dict[str, Any],
+               settings: GenerationSettings, num_tokens: int | None, num_texts: int | None,
+               progress: bool) -> GeneratedPool:
+    """``generate_pool`` once its arguments are checked: read the batches on disk, sample the missing ones."""
     _open_directory(directory, identity)
     pool = GeneratedPool(directory, settings)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
 
     def enough() -> bool:
-        kept, _ = pool.kept()
-        if num_texts is not None and len(kept) < num_texts:
+        if num_texts is not None and len(pool.kept_indices) < num_texts:
             return False
-        return num_tokens is None or sum(len(pool.token_ids[i]) for i in kept) >= num_tokens
+        return num_tokens is None or pool.kept_token_count >= num_tokens
 
     bar = tqdm(total=num_tokens or num_texts, unit="tok" if num_tokens else "text", disable=not progress,
                desc=f"generated text ({settings.split}, seed {settings.seed})")
@@ -209,11 +244,9 @@ def generate_pool(model: nn.Module, tokenizer: Any, *, num_tokens: int | None = 
             atomic_write_text(path, json.dumps({"batch": pool.batches, "seed": batch_seed(settings, pool.batches),
                                                 "texts": texts}))
             sampled += 1
-        pool.texts += texts
-        pool.token_ids += [encode(t) for t in texts]
-        pool.batches += 1
+        pool.add(texts, [encode(t) for t in texts])
         kept, counts = pool.kept()
-        bar.n = min(bar.total, sum(len(pool.token_ids[i]) for i in kept) if num_tokens else len(kept))
+        bar.n = min(bar.total, pool.kept_token_count if num_tokens else len(kept))
         bar.set_postfix(counts)
         bar.refresh()
         if pool.batches >= 20 and len(kept) < pool.batches * settings.batch_size // 10:

@@ -190,6 +190,17 @@ def build_teacher_cache(teacher: nn.Module, input_ids: torch.Tensor, directory: 
         raise TeacherCacheError(f"temperature must be positive, got {temperature}")
     directory = Path(directory)
     identity = cache_identity(teacher, windows, tokenizer, top_k, temperature)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # under `accelerate launch` one process builds, the others reuse
+        return _build(teacher, windows, directory, identity, tokenizer, top_k, temperature, batch_size, device,
+                      progress, rebuild)
+
+
+def _build(teacher: nn.Module, windows: torch.Tensor, directory: Path, identity: dict[str, Any], tokenizer: Any,
+           top_k: int | None, temperature: float, batch_size: int, device: Any, progress: bool,
+           rebuild: bool) -> TeacherCache:
+    """``build_teacher_cache`` once its arguments are checked: reuse, refuse, resume or build."""
     if (directory / MANIFEST).is_file():
         cache = TeacherCache.open(directory)
         try:
@@ -241,8 +252,8 @@ def _fill(teacher: nn.Module, windows: torch.Tensor, staging: Path, state: dict[
             arrays["input_ids"][:] = windows.numpy().astype(np.int32)
         step = chunk_rows(vocab)
         start_row = state["done"]
-        for rows in batches(n - start_row, batch_size, f"teacher logits ({'full' if top_k is None else f'top-{top_k}'})",
-                            progress):
+        desc = f"teacher logits ({'full' if top_k is None else f'top-{top_k}'})"
+        for rows in batches(n - start_row, batch_size, desc, progress):
             rows = slice(rows.start + start_row, rows.stop + start_row)
             states = source.states(windows[rows].to(run_device))
             out = {name: [] for name in arrays if name != "input_ids"}

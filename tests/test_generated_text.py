@@ -85,8 +85,8 @@ def test_generated_windows_through_calibration_and_healing(model, tmp_path, monk
     ids, info = load_calibration("generated:5", tok, seq_len=16, seed=3, model=model, progress=False)
     assert ids.shape == (5, 16) and info["dataset"] == "generated:5" and info["generation"]["seed"] == 3
     assert len({tuple(row) for row in ids.tolist()}) == 5
-    again, _ = generated_windows(model, tok, 5, 16, settings=GenerationSettings(seed=3, max_new_tokens=24, batch_size=4),
-                                 progress=False)
+    settings = GenerationSettings(seed=3, max_new_tokens=24, batch_size=4)
+    again, _ = generated_windows(model, tok, 5, 16, settings=settings, progress=False)
     assert torch.equal(ids, again)
     with pytest.raises(CalibrationError, match="pass the model"):
         load_calibration("generated", tok, seq_len=16)
