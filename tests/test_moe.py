@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from optimum_prune import Pruner, PruningConfig, Quantizer
+from optimum_prune.methods.evopress.search import dropped_sublayers
 from optimum_prune.modeling.adapters import get_adapter, get_module
 from optimum_prune.modeling.integrity import CheckpointIntegrityError
 from optimum_prune.modeling.pruning_config import PruningConfigError
@@ -54,51 +55,85 @@ def test_removing_experts_the_router_never_picks_leaves_logits_unchanged(family)
     assert router.weight.shape[0] == experts.gate_up_proj.shape[0] == experts.num_experts == router.num_experts == 4
 
 
+STRUCTURE = PruningConfig(remove_heads={3: [0, 2]}, drop_attention=[0], drop_mlp=[2], drop_layers=[1])
+
+
+def _structure(family: str) -> PruningConfig:
+    """Heads, sublayers and a block; Qwen2-MoE also loses neurons of its shared expert (its dense FFN)."""
+    extra = PruningConfig(remove_neurons={0: [1, 2, 30]}) if family == "qwen2_moe" else PruningConfig()
+    return STRUCTURE.merge(extra)
+
+
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
-def test_heads_sublayers_and_blocks_equal_zeroed_dense_and_generate(family):
+def test_heads_sublayers_and_blocks_equal_zeroed_dense(family):
     dense = MOE_FAMILIES[family].build()
-    structure = PruningConfig(remove_heads={3: [0, 2]}, drop_attention=[0], drop_mlp=[2], drop_layers=[1],
-                              remove_neurons={0: [1, 2, 30]} if family == "qwen2_moe" else {})
+    structure = _structure(family)
+    pruned = Pruner(copy.deepcopy(dense)).apply(structure)
+    batch = inputs()
+    torch.testing.assert_close(outputs(pruned, batch), outputs(_moe_zeroed(dense, structure), batch), atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_generate_with_kv_cache_matches_zeroed_dense_moe(family):
+    dense = MOE_FAMILIES[family].build()
+    structure = _structure(family)
     pruned = Pruner(copy.deepcopy(dense)).apply(structure)
     ref = _moe_zeroed(dense, structure)
-    batch = inputs()
-    torch.testing.assert_close(outputs(pruned, batch), outputs(ref, batch), atol=1e-5, rtol=0)
     prompt = inputs(batch=2, length=6)
-    prompt["attention_mask"][0, :2] = 0  # left padding
+    prompt["attention_mask"][0, :2] = 0  # left padding; layer 0's attention is gone
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     got = pruned.generate(**prompt, **kwargs)
     assert torch.equal(got, ref.generate(**prompt, **kwargs))
     assert torch.equal(got, pruned.generate(**prompt, use_cache=False, **kwargs))
 
 
-def test_reload_with_plugin_and_trust_remote_code(tmp_path):
+def _save_mixed(family: str, path) -> tuple[torch.Tensor, dict]:
+    pruner = Pruner(MOE_FAMILIES[family].build())
+    pruner.apply(MIXED)
+    batch = inputs()
+    expected = outputs(pruner.model, batch)
+    pruner.save_pretrained(path)
+    return expected, batch
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_reload_with_plugin_moe(family, tmp_path):
+    expected, batch = _save_mixed(family, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["pruning_config"]
+    assert saved["remove_experts"] == {"0": [1, 4], "2": [0, 2, 5]}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
+    layout = get_adapter(reloaded).experts
+    assert layout.modules(get_adapter(reloaded).layers(reloaded)[0])[1].gate_up_proj.shape[0] == 4
+    reloaded.save_pretrained(tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(outputs(again, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_reload_with_trust_remote_code_moe(tmp_path, record_property):
     cases = []
-    for family, fam in MOE_FAMILIES.items():
+    for family in MOE_FAMILIES:
         path = tmp_path / family
-        pruner = Pruner(fam.build())
-        pruner.apply(MIXED)
-        batch = inputs()
-        expected = outputs(pruner.model, batch)
-        pruner.save_pretrained(path)
-        saved = json.loads((path / "config.json").read_text())["pruning_config"]
-        assert saved["remove_experts"] == {"0": [1, 4], "2": [0, 2, 5]}
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
-        layout = get_adapter(reloaded).experts
-        assert layout.modules(get_adapter(reloaded).layers(reloaded)[0])[1].gate_up_proj.shape[0] == 4
+        expected, batch = _save_mixed(family, path)
         torch.save({"expected": expected, "batch": batch}, path / "reference.pt")
         cases.append((str(path), family))
     out = run_without_plugin(f"""
         import torch, transformers
         for path, family in {cases!r}:
-            ref = torch.load(path + "/reference.pt")
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-            assert type(model).__module__.startswith("transformers_modules"), type(model)
-            with torch.no_grad():
-                diff = (model(**ref["batch"]).logits - ref["expected"]).abs().max().item()
-            assert diff <= 1e-5, (path, diff)
-            print("ok", family)
+            try:
+                ref = torch.load(path + "/reference.pt")
+                model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+                assert type(model).__module__.startswith("transformers_modules"), type(model)
+                with torch.no_grad():
+                    diff = (model(**ref["batch"]).logits - ref["expected"]).abs().max().item()
+                assert diff <= 1e-5, (path, diff)
+                print("ok", family)
+            except Exception as err:
+                print("FAILED", family, repr(err)[:300])
     """)
+    failed = {line.split()[1] for line in out.splitlines() if line.startswith("FAILED ")}
+    record_property("family_outcomes", {f: "failed" if f in failed else "passed" for f in MOE_FAMILIES})
     assert out.count("ok ") == len(cases), out
 
 
@@ -145,9 +180,9 @@ def test_reap_ranks_a_useless_expert_last_and_removes_it(family, scope):
     assert record["method"] == "reap"
 
 
-@pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_reap_pruned_model_reloads_and_generates(ratio, tmp_path):
-    pruner = Pruner(MOE_FAMILIES["olmoe"].build())
+@pytest.mark.parametrize("family,ratio", [("olmoe", 0.25), ("qwen3_moe", 0.5)])
+def test_reap_pruned_model_reloads_and_generates(family, ratio, tmp_path):
+    pruner = Pruner(MOE_FAMILIES[family].build())
     pruner.prune(method="reap", experts_ratio=ratio, calibration=_calibration(), progress=False)
     kept = {6 - round(6 * ratio + 1e-9)}  # 2 or 3 removed of 6 in every layer
     layout = get_adapter(pruner.model).experts
@@ -184,8 +219,9 @@ def _expert_matrices(model):
             yield from ((layer, e, w) for e, w in enumerate(param.data))
 
 
-def test_sparsegpt_half_sparsifies_every_expert_matrix_and_leaves_an_unrouted_expert(caplog):
-    model = MOE_FAMILIES["mixtral"].build()
+@pytest.mark.parametrize("family", ["mixtral"])
+def test_sparsegpt_half_sparsifies_every_expert_matrix_and_leaves_an_unrouted_expert(family, caplog):
+    model = MOE_FAMILIES[family].build()
     never_routed(model, 1, 3)
     unrouted = [get_adapter(model).experts.modules(get_adapter(model).layers(model)[1])[1].gate_up_proj[3].clone()]
     pruner = Pruner(model)
@@ -211,3 +247,20 @@ def test_gptq_8bit_on_experts_is_close_to_dense(family):
     # every expert matrix moved onto an 8-bit grid (changed, by little)
     for (_, _, w), b in zip(_expert_matrices(model), before):
         assert not torch.equal(w, b) and ((w - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_layerchop_and_evopress_depth_on_moe(family, tmp_path):
+    model = MOE_FAMILIES[family].build()
+    dense = outputs(model, inputs())
+    with dropped_sublayers(model, {0, 2}, {1}):  # EvoPress's temporary drops: the MoE sublayer goes whole
+        temporary = outputs(model, inputs())
+    torch.testing.assert_close(outputs(model, inputs()), dense, atol=0, rtol=0)
+    pruned = Pruner(copy.deepcopy(model)).apply(PruningConfig(drop_attention=[0, 2], drop_mlp=[1]))
+    torch.testing.assert_close(temporary, outputs(pruned, inputs()), atol=1e-5, rtol=1e-5)
+    pruner = Pruner(model)
+    pruner.prune("layerchop", num_layers=2, strategy="angular", calibration=_calibration(), progress=False)
+    assert len(pruner.pruning_config.drop_layers) == 2
+    pruner.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(outputs(reloaded, inputs()), outputs(pruner.model, inputs()), atol=1e-5, rtol=1e-5)

@@ -178,6 +178,10 @@ def dropped_sublayers(model: nn.Module, attention: set[int], mlp: set[int]) -> I
                 set_module(block, adapter.attention_out, ZeroProjection(hidden))
         for position in mlp:
             block = layers[position]
+            if adapter.experts is not None:  # the whole Mixture-of-Experts sublayer, as surgery removes it
+                saved.append((block, adapter.experts.block, get_module(block, adapter.experts.block)))
+                set_module(block, adapter.experts.block, ZeroProjection(model.config.hidden_size))
+                continue
             hidden = out_features(get_module(block, adapter.mlp_out))
             for path in adapter.mlp_in:
                 saved.append((block, path, get_module(block, path)))
