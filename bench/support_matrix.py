@@ -29,17 +29,27 @@ DOC = ROOT / "docs" / "support_matrix.md"
 # or records per-family outcomes itself (the trust_remote_code test loads every family in one process).
 FEATURES: dict[str, tuple[str, list[str]]] = {
     "surgery": ("heads, neurons, sublayers, blocks and a mix removed: logits equal the dense model with those "
-                "weights zeroed (1e-5), and the parameter count drops by exactly the removed weights",
-                ["test_surgery.py::test_removal_equals_zeroed_dense"]),
+                "weights zeroed (1e-5), and the parameter count drops by exactly the removed weights; MoE: removing "
+                "experts the router never picks leaves the logits unchanged and removes exactly their weights",
+                ["test_surgery.py::test_removal_equals_zeroed_dense",
+                 "test_moe.py::test_heads_sublayers_and_blocks_equal_zeroed_dense",
+                 "test_moe.py::test_removing_experts_the_router_never_picks_leaves_logits_unchanged"]),
     "generate": ("greedy generate with left padding equals the zeroed dense model's, with and without the KV cache",
-                 ["test_surgery.py::test_generate_with_kv_cache_matches_zeroed_dense"]),
+                 ["test_surgery.py::test_generate_with_kv_cache_matches_zeroed_dense",
+                  "test_moe.py::test_generate_with_kv_cache_matches_zeroed_dense_moe"]),
     "reload (plugin)": ("save, reload with the plain Auto class, logits equal (1e-5), save again",
-                        ["test_reload.py::test_reload_with_plugin_and_plain_auto_class"]),
+                        ["test_reload.py::test_reload_with_plugin_and_plain_auto_class",
+                         "test_moe.py::test_reload_with_plugin_moe"]),
     "reload (trust_remote_code)": ("reload in a process where optimum_prune cannot be imported, logits equal",
-                                   ["test_reload.py::test_reload_with_trust_remote_code_without_the_plugin"]),
-    "SparseGPT / GPTQ": ("SparseGPT's full OBS loop at ~0 sparsity changes nothing; 8-bit GPTQ stays close",
+                                   ["test_reload.py::test_reload_with_trust_remote_code_without_the_plugin",
+                                    "test_moe.py::test_reload_with_trust_remote_code_moe"]),
+    "SparseGPT / GPTQ": ("SparseGPT's full OBS loop at ~0 sparsity changes nothing; 8-bit GPTQ stays close; MoE: "
+                         "SparseGPT 50% makes each expert matrix 50% sparse (an unrouted expert is left as is), 8-bit "
+                         "GPTQ on the experts stays close",
                          ["test_engine.py::test_sparsegpt_zero_sparsity_leaves_outputs_unchanged",
-                          "test_engine.py::test_gptq_8bit_is_within_1e2_of_dense"]),
+                          "test_engine.py::test_gptq_8bit_is_within_1e2_of_dense",
+                          "test_moe.py::test_sparsegpt_half_sparsifies_every_expert_matrix_and_leaves_an_unrouted_expert",
+                          "test_moe.py::test_gptq_8bit_on_experts_is_close_to_dense"]),
     "ZipLM": ("speedup targets met as predicted, reload with equal logits; silent heads/neurons removed at zero "
               "loss with unchanged outputs",
               ["test_ziplm.py::test_family_meets_predicted_targets_and_reloads_with_identical_logits",
@@ -47,8 +57,15 @@ FEATURES: dict[str, tuple[str, list[str]]] = {
     "LayerChop / EvoPress depth": ("each LayerChop strategy drops 2 blocks and reloads with equal logits; "
                                    "EvoPress's temporary sublayer drops equal surgery and are undone",
                                    ["test_layerchop.py::test_each_strategy_drops_n_layers_and_reloads_with_identical_logits",
-                                    "test_evopress.py::test_temporary_drops_match_surgery_and_are_undone"]),
+                                    "test_evopress.py::test_temporary_drops_match_surgery_and_are_undone",
+                                    "test_moe.py::test_layerchop_and_evopress_depth_on_moe"]),
+    "REAP expert pruning": ("Mixture of Experts: a useless expert scores 0 and is removed (per layer and model-wide); "
+                            "25% / 50% of the experts removed, reload with equal logits, generate",
+                            ["test_moe.py::test_reap_ranks_a_useless_expert_last_and_removes_it",
+                             "test_moe.py::test_reap_pruned_model_reloads_and_generates"]),
 }
+MOE_ONLY = {"REAP expert pruning"}
+"""Features that exist only for Mixture-of-Experts families (a dense family's cell says so)."""
 
 
 def run_tests(results: Path) -> int:
@@ -87,13 +104,14 @@ def cell(outcomes: list[str] | None) -> str:
 
 def render(records: list[dict], source: str) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
-    from zoo import FAMILIES  # noqa: E402  (the tests' own list of tiny models)
+    from zoo import FAMILIES, MOE_FAMILIES  # noqa: E402  (the tests' own lists of tiny models)
 
     import torch
     import transformers
 
     cells = tally(records)
-    families = list(FAMILIES) + sorted({f for f, _ in cells} - set(FAMILIES) - {"*"})
+    known = {**FAMILIES, **MOE_FAMILIES}
+    families = list(known) + sorted({f for f, _ in cells} - set(known) - {"*"})
     lines = [
         "# Support matrix",
         "",
@@ -102,16 +120,17 @@ def render(records: list[dict], source: str) -> str:
         f"torch {torch.__version__}.",
         "",
         "Each row is a tiny random model of the family (`tests/zoo.py`: hidden 32, 4 layers, 4 query heads, 2 KV "
-        "heads where the family has GQA). A cell counts the tests of that feature that ran with it: "
-        "`pass (n)` = all n passed, `not tested` = no test of that feature covers the family (which is not a "
+        "heads where the family has GQA; Mixture-of-Experts families: 6 experts of width 24, 2 per token). A cell "
+        "counts the tests of that feature that ran with it: `pass (n)` = all n passed, `not tested` = no test of that feature covers the family (which is not a "
         "claim that it fails).",
         "",
         "| family (model_type) | " + " | ".join(FEATURES) + " |",
         "|---|" + "---|" * len(FEATURES),
     ]
     for family in families:
-        model_type = FAMILIES[family].make_config().model_type if family in FAMILIES else "?"
-        row = [cell(cells.get((family, feature), []) + cells.get(("*", feature), [])) for feature in FEATURES]
+        model_type = known[family].make_config().model_type if family in known else "?"
+        row = ["n/a (dense)" if feature in MOE_ONLY and family not in MOE_FAMILIES else
+               cell(cells.get((family, feature), []) + cells.get(("*", feature), [])) for feature in FEATURES]
         lines.append(f"| {family} (`{model_type}`) | " + " | ".join(row) + " |")
     lines += ["", "What each column's tests check:", ""]
     for feature, (proves, specs) in FEATURES.items():
