@@ -264,3 +264,12 @@ def test_layerchop_and_evopress_depth_on_moe(family, tmp_path):
     pruner.save_pretrained(tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(outputs(reloaded, inputs()), outputs(pruner.model, inputs()), atol=1e-5, rtol=1e-5)
+
+
+def test_searches_that_do_not_cover_experts_yet_refuse_before_any_work():
+    pruner = Pruner(MOE_FAMILIES["mixtral"].build())
+    with pytest.raises(ValueError, match=r"ZipLM's structure search does not cover Mixture-of-Experts FFNs yet .*"
+                                         r"method='reap'"):
+        pruner.prune(target_speedup=1.5, calibration="not read: the check comes first")
+    with pytest.raises(ValueError, match="EvoPress's structure search does not cover Mixture-of-Experts"):
+        pruner.prune(method="evopress", target="structure", target_speedup=1.5, calibration="not read")

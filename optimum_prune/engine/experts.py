@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..modeling.adapters import ArchitectureAdapter, ExpertLayout, get_module
+from ..modeling.adapters import ArchitectureAdapter, ExpertLayout, get_adapter, get_module
 from ..modeling.surgery import current_structure
 
 
@@ -41,6 +41,16 @@ def moe_block(adapter: ArchitectureAdapter, block: nn.Module) -> tuple[ExpertLay
     except AttributeError:
         return None
     return layout, experts
+
+
+def refuse_experts(model: nn.Module, what: str) -> None:
+    """Fail before any work when ``what`` (a method's search) does not cover Mixture-of-Experts FFNs yet."""
+    if get_adapter(model).experts is not None:
+        raise ValueError(
+            f"{what} does not cover Mixture-of-Experts FFNs yet ({type(model).__name__}): remove experts with "
+            "method='reap', sparsify or quantize the weights with sparsegpt / wanda / gptq, drop blocks with "
+            "layerchop or sublayers with EvoPress depth"
+        )
 
 
 def kept_experts(model: nn.Module, layer: int, num_experts: int) -> list[int]:

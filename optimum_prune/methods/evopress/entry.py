@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ...engine.experts import refuse_experts
 from ...engine.layers import original_layer_indices, zero_fraction
 from ...engine.quant import QuantSpec
 from ...engine.structure.database import build_database, keep_database, reusable_database
@@ -44,6 +45,7 @@ def _depth(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
 def _sparsity(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
     """Per-Linear SparseGPT levels at an exact average sparsity (level store built once)."""
     settings = config.evopress
+    refuse_experts(session.model, "EvoPress's per-Linear sparsity search")
     level_grid("sparsity", float(config.sparsity), settings)  # an unreachable target fails before calibration
     start = time.perf_counter()
     ids, calib_info = session.calibration_data(options)
@@ -68,6 +70,7 @@ def _sparsity(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
 def _structure(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
     """ZipLM's levels under the measured latency budget (starts from ZipLM's DP choice)."""
     target = float(config.target_speedup)
+    refuse_experts(session.model, "EvoPress's structure search")
     start = time.perf_counter()
     table = resolve_latency_table(session.model, config.latency, config.latency_table, device=options.device,
                                   progress=options.progress, remeasure=config.remeasure_latency)
@@ -99,6 +102,7 @@ def _structure(session: Any, config: EvoPressConfig, options: RunConfig) -> Any:
 def run_bits(session: Any, config: EvoPressBitsConfig, options: RunConfig) -> Any:
     """Per-Linear GPTQ bit-widths at an exact average; the chosen codes become the session's packed records."""
     settings = config.evopress
+    refuse_experts(session.model, "EvoPress's per-Linear bit-width search")
     level_grid("bits", config.average_bits, settings)  # an unreachable target fails before calibration
     ids, calib_info = session.calibration_data(options)
     start = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Any
 from transformers.utils import logging
 
 from ...calibration import load_calibration
+from ...engine.experts import refuse_experts
 from ...engine.structure.database import keep_database, reusable_database
 from ...engine.structure.search import check_targets
 from ...evaluation.latency_table import (SpeedupMeasurement, latency_environment, latency_table_path,
@@ -39,6 +40,7 @@ class SpeedupMissError(RuntimeError):
 def run(session: Any, config: ZipLMConfig, options: RunConfig) -> Any:
     """One target: the session's model is pruned and returned; several: a ``ZipLMFamily`` of new sessions."""
     targets = config.targets
+    refuse_experts(session.model, "ZipLM's structure search")
     start = time.perf_counter()
     if config.finetune is None:  # gradual runs say their training time through the Trainer
         known = _table_known(session.model, config, options)
