@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -107,3 +108,22 @@ def test_budgets_fail_clearly(tied):
         Pruner.from_pretrained(str(checkpoint), max_memory=100)
     with pytest.raises(StreamingError, match="safetensors"):
         Pruner.from_pretrained("smollm2", max_memory="1GB")
+
+
+def test_cli_max_memory(tied, tmp_path, capsys):
+    from optimum_prune.cli import main
+
+    from zoo import TEXT, char_tokenizer
+
+    model_dir = tmp_path / "dense"
+    shutil.copytree(tied, model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    common = ["--model", str(model_dir), "--max-memory", "130000", "--calibration", str(tmp_path / "text.txt"),
+              "--num-samples", "4", "--seq-len", "16"]
+    assert main(["prune", *common, "--sparsity", "0.5", "--output", str(tmp_path / "sparse")]) == 0
+    assert "saved to" in capsys.readouterr().out
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    assert (sparse.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == 0.5
+    assert main(["prune", *common, "--num-layers", "1", "--output", str(tmp_path / "chopped")]) == 2
+    assert "whole model in memory" in capsys.readouterr().err

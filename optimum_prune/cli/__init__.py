@@ -33,12 +33,16 @@ def _method_command(sub, kind: str, help_text: str, default_help: str) -> argpar
     """A subcommand whose flags are the fields of every method of ``kind`` (and of RunConfig if calibrated)."""
     parser = sub.add_parser(kind, help=help_text)
     model_args(parser)
+    if kind in ("prune", "quantize"):
+        parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                            help="e.g. 1GB: a local safetensors checkpoint larger than this stays on disk and "
+                                 "SparseGPT / Wanda / magnitude / GPTQ stream it one block at a time (docs/scale.md)")
     specs = REGISTRY.specs(kind)
     names = [s.keyword or s.name for s in specs]
     if len(specs) > 1:
         parser.add_argument("--method", choices=names, help=default_help)
     reserved = {"--model", "--gguf-file", "--task", "--output", "--push-to-hub", "--eval-text", "--method",
-                "--eval-windows", "--prompt", "--max-new-tokens"}
+                "--eval-windows", "--prompt", "--max-new-tokens", "--max-memory"}
     if any(s.calibrated for s in specs):  # the shared run flags keep their plain names (--seed is RunConfig's)
         reserved |= {f"--{f.name.replace('_', '-')}" for f in fields(RunConfig)}
     flags = FlagSet(parser, reserved)

@@ -48,7 +48,9 @@ def _load(cls_name: str, args: argparse.Namespace):
     from .. import Pruner, Quantizer
 
     cls = Quantizer if cls_name == "quantize" else Pruner
-    return cls.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task)
+    budget = getattr(args, "max_memory", None)
+    extra = {"max_memory": budget} if budget else {}
+    return cls.from_pretrained(args.model, gguf_file=args.gguf_file, task=args.task, **extra)
 
 
 def _describe(spec, session, config) -> None:

@@ -32,6 +32,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def measure(session: Any, args: argparse.Namespace) -> Figures:
     """Perplexity and greedy text of the session's model, as the flags ask (nothing when they ask nothing)."""
     figures = Figures()
+    if getattr(session.model, "_block_stream", None) is not None:
+        return figures  # streamed from disk (--max-memory): evaluating would need the whole model in memory
     causal = _is_causal(session.model)
     if getattr(args, "eval_text", None) and causal:
         from ..evaluation import perplexity
