@@ -24,6 +24,10 @@ OBS_FLOP_RATE = 0.25
 """Greedy OBS updates (rank-one, memory-bound) run at about this fraction of the forward's FLOP rate."""
 STACK_OVERHEAD = 1.5
 """Building the random-weight stack for each latency-table level."""
+GGUF_WRITE_RATE = 30e6
+"""engine="llama.cpp": bytes of GGUF written per second (exports and synthetic table files, random weights included)."""
+GGUF_READ_RATE = 2.5e9
+"""engine="llama.cpp": weight bytes a decode step streams per second (SmolLM2 f16: 110 ms per token, 1 thread)."""
 
 
 @dataclass
@@ -105,7 +109,38 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
     if config.measure_speedup:
         runs_per_check = config.speedup_rounds * 2 * (4 + 2)  # rounds x (dense, pruned) x (repeats + warm-up)
         measure = targets * 2 * runs_per_check * t_env * 0.8  # about two checks per target; pruned runs faster
+    if _llamacpp(env):
+        table, measure = _llamacpp_costs(config, env, dims, n_params, t_env, table_known)
     return ZipLMEstimate(table, database, search, measure, t_window)
+
+
+def _llamacpp(env: dict[str, Any]) -> bool:
+    from ...evaluation.environment import InferenceEnvironment
+
+    return "engine" in env and InferenceEnvironment(**env).llamacpp
+
+
+def _llamacpp_costs(config: Any, env: dict[str, Any], dims: Any, n_params: int, t_env: float,
+                    table_known: bool) -> tuple[float, float]:
+    """engine="llama.cpp": the table writes synthetic GGUF files and times them in rounds; each speedup check
+    exports the dense and the pruned model and times both in paired rounds."""
+    from ...evaluation.environment import InferenceEnvironment
+
+    environment = InferenceEnvironment(**env)
+    per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0}.get(environment.dtype, 5.0)  # quantized: f32, then llama.cpp
+    step = (per_weight * n_params / GGUF_READ_RATE * environment.batch_size if environment.mode == "decode"
+            else t_env)
+    table = 0.0
+    if not table_known:
+        levels = dims.num_kv_heads * dims.heads_per_group + (config.latency_mlp_levels or 16)
+        depth = min(dims.num_layers, 16)
+        written = per_weight * n_params * (1 + levels * depth / dims.num_layers / 2)
+        table = written / GGUF_WRITE_RATE + config.latency_repeats * (levels + 3) * 4 * step * 0.5
+    measure = 0.0
+    if config.measure_speedup:
+        check = 2 * per_weight * n_params / GGUF_WRITE_RATE + config.speedup_rounds * 2 * (4 + 2) * step * 0.8
+        measure = len(config.targets) * 2 * check
+    return table, measure
 
 
 def say(estimate: ZipLMEstimate, logger: Any, preset: str | None = None) -> None:
