@@ -11,7 +11,8 @@ from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
 from .modeling.adapters import base_model_type, get_adapter
-from .modeling.integrity import check_config
+from .modeling.integrity import check_config, check_weights_before_loading
+from .modeling.pruning_config import PruningConfigError
 from .model_names import DEFAULT_MODEL, EMBEDDED_MODELS, TASKS, add_model_arguments, looks_like_path  # noqa: F401 (re-exported)
 
 logger = logging.get_logger(__name__)
@@ -143,9 +144,20 @@ def load_model(
                                  "model with save_pretrained).") from err
         raise ModelLoadError(f"{err} Give a local checkpoint directory, a .gguf file with gguf_file=, an embedded "
                              f"name ({', '.join(EMBEDDED_MODELS)}) or a reachable Hub id.") from err
+    except Exception as err:  # transformers' config classes refuse a value (a string dimension ...)
+        if isinstance(err, PruningConfigError):
+            raise
+        raise ModelLoadError(f"the config.json of {name_or_path} holds a value transformers refuses "
+                             f"({' '.join(str(err).split())}); restore it from the original checkpoint") from err
     get_adapter(config)  # an unsupported family fails here, before weights are read
-    check_config(config, required=False)  # a corrupt `pruning_config` fails here too, before any allocation
     task = task or infer_task(config)
+    model_class = auto_class(task)._model_mapping.get(type(config), None)
+    model_class = getattr(model_class, "real", lambda: model_class)()  # a pruned class's stand-in: the class
+    if isinstance(model_class, type):
+        # config.json's depth, dimensions and `pruning_config` against the weights' headers, before anything is built
+        check_weights_before_loading(model_class, name_or_path, {**load_kwargs, "config": config}, required=False)
+    else:
+        check_config(config, required=False)  # a corrupt `pruning_config` fails here too, before any allocation
     logger.info("loading %s as %s", name_or_path, TASKS[task][0])
     try:
         model = auto_class(task).from_pretrained(name_or_path, **load_kwargs)

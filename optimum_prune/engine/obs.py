@@ -222,6 +222,9 @@ def compress_weight(
     rows, cols = weight.shape
     if prune is None and quant is None:
         return CompressedWeight(weight.detach().clone(), 0.0, 0.0)
+    if prune is not None and prune.semi_structured and cols % prune.m:
+        raise ValueError(f"N:M {prune.n}:{prune.m} needs an input width that is a multiple of {prune.m}; this matrix "
+                         f"has {cols} columns, so its last {cols % prune.m} would stay dense")
 
     fixed: torch.Tensor | None = None
     if prune is not None and prune.method != "sparsegpt":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers.models.auto import configuration_auto
 
 from .adapters import ADAPTERS
+from .pruning_config import PruningConfigError
 
 PREFIX = "pruned_"
 
@@ -54,8 +55,26 @@ def _build_config_classes() -> dict[str, type]:
                 continue
             base_config = configuration_auto.CONFIG_MAPPING[family]
             out[family] = type(config_class_name(family), (base_config,),
-                               {"model_type": PREFIX + family, "__module__": __name__})
+                               {"model_type": PREFIX + family, "__module__": __name__,
+                                "from_dict": _checked_from_dict(base_config)})
     return out
+
+
+def _checked_from_dict(base: type) -> classmethod:
+    """``base.from_dict``, with a value the config class refuses (a string dimension, a float depth ...) raised as
+    ``CheckpointIntegrityError`` naming config.json, like every other inconsistency of a pruned checkpoint."""
+    def from_dict(cls, config_dict, **kwargs):
+        try:
+            return base.from_dict.__func__(cls, config_dict, **kwargs)
+        except (OSError, PruningConfigError):
+            raise
+        except Exception as err:
+            from .integrity import FIX, CheckpointIntegrityError
+
+            text = " ".join(str(err).split())
+            message = f"config.json holds a value {base.__name__} refuses ({text}). {FIX}"
+            raise CheckpointIntegrityError(message) from err
+    return classmethod(from_dict)
 
 
 PRUNED_CONFIGS = _build_config_classes()

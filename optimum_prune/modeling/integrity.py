@@ -21,6 +21,7 @@ import re
 from typing import Any, Callable
 
 from .adapters import ArchitectureAdapter, get_adapter
+from .headers import check_before_building, read_headers, weight_files
 from .pruning_config import CONFIG_KEY, ModelDims, PruningConfig, PruningConfigError
 
 FIX = ("config.json and the weights must come from one save: restore both from the original checkpoint, or re-save "
@@ -118,9 +119,55 @@ def checked_from_pretrained(load: Callable[..., Any], args: tuple, kwargs: dict[
     kwargs = dict(kwargs)
     wants_info = kwargs.pop("output_loading_info", False)
     caller_ignores = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    model_class = getattr(load, "__self__", None)
+    if isinstance(model_class, type):  # before transformers builds anything: config.json vs the files' headers
+        check_weights_before_loading(model_class, args[0] if args else kwargs.get("pretrained_model_name_or_path"),
+                                     kwargs, required=True, ignore_mismatched_outside_blocks=caller_ignores)
     model, info = load(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     check_loaded_weights(model, info, ignore_mismatched_outside_blocks=caller_ignores)
+    check_finite_parameters(model)
     return (model, info) if wants_info else model
+
+
+def check_finite_parameters(model: Any) -> None:
+    """Refuse loaded weights that hold NaN or inf (a saved pruned model never does), naming each tensor."""
+    import torch
+
+    bad = []
+    for name, p in model.named_parameters():
+        if p.is_meta or not p.is_floating_point() or bool(torch.isfinite(p).all()):
+            continue
+        bad.append(f"`{name}` ({int((~torch.isfinite(p)).sum())} of {p.numel()} values)")
+    if bad:
+        raise CheckpointIntegrityError(
+            f"{type(model).__name__}: the weights hold NaN/inf values in {len(bad)} tensor(s): "
+            + ", ".join(bad[:MAX_SHOWN]) + (" ..." if len(bad) > MAX_SHOWN else "")
+            + ". A saved model never holds them: restore the weights from the original checkpoint"
+        )
+
+
+def check_weights_before_loading(model_class: type, name_or_path: Any, kwargs: dict[str, Any], *,
+                                 required: bool, ignore_mismatched_outside_blocks: bool = False) -> None:
+    """Refuse, before anything is built, a config.json whose depth, dimensions or ``pruning_config`` the
+    safetensors files do not back (their headers are read, not their tensors). ``required``: as in
+    ``check_config``. Without local or cached safetensors files only the config checks run."""
+    config = kwargs.get("config")
+    if not hasattr(config, "to_dict"):
+        from transformers import AutoConfig
+
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder",
+                                      "trust_remote_code") if k in kwargs}
+        try:
+            config = (getattr(model_class, "config_class", None) or AutoConfig).from_pretrained(name_or_path, **hub)
+        except Exception:  # transformers' own loading reports an unreadable config.json
+            return
+    headers = read_headers(weight_files(name_or_path, kwargs))
+
+    def report(skeleton: Any, info: dict[str, Any]) -> None:
+        check_loaded_weights(skeleton, info, ignore_mismatched_outside_blocks=ignore_mismatched_outside_blocks)
+
+    check_before_building(model_class, config, headers, lambda text: CheckpointIntegrityError(f"{text}. {FIX}"),
+                          report, lambda c: check_config(c, required=required))
 
 
 def check_loaded_weights(model: Any, info: dict[str, Any], *, ignore_mismatched_outside_blocks: bool = False) -> None:
@@ -157,7 +204,8 @@ def check_loaded_weights(model: Any, info: dict[str, Any], *, ignore_mismatched_
         problems.append("transformers reported: " + "; ".join(errors[:MAX_SHOWN]))
     if problems:
         raise CheckpointIntegrityError(
-            f"{type(model).__name__}: the weights do not match config.json's `{CONFIG_KEY}`: "
+            f"{type(model).__name__}: the weights do not match config.json"
+            + (f"'s `{CONFIG_KEY}`" if getattr(model.config, CONFIG_KEY, None) is not None else "") + ": "
             + " | ".join(problems) + f". {FIX}"
         )
 
@@ -243,5 +291,7 @@ def _explain_shape(shapes: tuple, place: Place | None, saved: PruningConfig) -> 
     _, layer, sublayer = place
     _, remove, unit = _FIELDS[sublayer]
     removed = getattr(saved, remove).get(layer, [])
+    if not removed:
+        return f"{text} (from config.json's dimensions: `{CONFIG_KEY}.{remove}` removes nothing from layer {layer})"
     return (f"{text}: `{CONFIG_KEY}.{remove}[{layer}]` removes {len(removed)} {unit} "
             f"{removed[:8]}{' ...' if len(removed) > 8 else ''}")

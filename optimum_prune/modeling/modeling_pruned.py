@@ -23,7 +23,7 @@ from .pruning_config import CONFIG_KEY, PruningConfig, PruningConfigError
 from .surgery import apply_structure
 
 REMOTE_CODE_FILES = ("modeling_pruned.py", "configuration_pruned.py", "surgery.py", "adapters.py", "adapter_base.py",
-                     "pruning_config.py", "integrity.py")
+                     "pruning_config.py", "integrity.py", "headers.py")
 """The files saved beside the weights (this module and what it imports, by relative import)."""
 
 class PrunedModelMixin:

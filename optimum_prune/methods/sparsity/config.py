@@ -39,7 +39,8 @@ class SparsityConfig(MethodConfig):
         values = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity or 0.0]
         for value in values:
             if not is_number(value) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"sparsity must be in [0, 1), got {value!r}")
+                kind = f" (a {type(value).__name__}; give a number)" if not is_number(value) else ""
+                raise ConfigError(f"sparsity must be in [0, 1), got {value!r}{kind}")
         if self.schedule != "uniform" and (isinstance(self.sparsity, dict) or m):
             raise ConfigError(f"schedule={self.schedule!r} spreads ONE target sparsity over the layers: "
                               "give sparsity as a number and no n_m")

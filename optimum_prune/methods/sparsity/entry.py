@@ -8,10 +8,11 @@ from typing import Any
 from transformers.utils import logging
 
 from ...engine.compress import CompressionPlan, compress_model, uniform
-from ...engine.layers import original_layer_indices, zero_fraction
+from ...engine.layers import linear_groups, original_layer_indices, zero_fraction
 from ...engine.obs import PruneSpec
 from ...engine.schedule import build_schedule
-from ..base import RunConfig
+from ...modeling.adapters import get_adapter
+from ..base import ConfigError, RunConfig
 from .config import SparsityConfig
 
 logger = logging.get_logger(__name__)
@@ -24,6 +25,8 @@ def run(session: Any, config: SparsityConfig, options: RunConfig) -> Any:
     per_layer = uniform(config.sparsity or 0.0, original_layer_indices(session.model))
     for value in per_layer.values():  # bad values fail here, before any data is read or weight touched
         PruneSpec(value, n, m, method)
+    if m:
+        check_n_m_widths(session.model, n, m)
     seq = options.sequential(method)
     start = time.perf_counter()
     needs_data = method != "magnitude" or config.schedule != "uniform"
@@ -43,3 +46,19 @@ def run(session: Any, config: SparsityConfig, options: RunConfig) -> Any:
                     calibration=calib_info, metrics=metrics, search=search)
     logger.info("%s: %.1f%% of the Linear weights in the blocks are zero", method, 100 * achieved)
     return session.model
+
+
+def check_n_m_widths(model: Any, n: int, m: int) -> None:
+    """N:M groups M consecutive inputs: refuse, before any work, a Linear whose input width M does not divide
+    (its last columns would stay dense and the model would not be N:M sparse)."""
+    adapter = get_adapter(model)
+    for layer, block in zip(original_layer_indices(model), adapter.layers(model)):
+        for group in linear_groups(adapter, block):
+            width = group.in_features
+            if width % m:
+                raise ConfigError(
+                    f"n_m=\"{n}:{m}\" groups every {m} consecutive inputs, but layer {layer}'s "
+                    f"{', '.join(group.names)} reads {width} inputs, not a multiple of {m}: its last {width % m} "
+                    f"columns would stay dense ({n * (width // m) / width:.1%} sparse instead of {n / m:.0%}). "
+                    f"Choose an M that divides {width} (e.g. 2:4 or 4:8 on widths that are multiples of 8), "
+                    "or unstructured `sparsity`")
