@@ -61,6 +61,14 @@ def test_a_healed_structurally_pruned_model_reloads_with_auto_class(tmp_path):
     assert reloaded.config.pruning_config["metrics"]["heal_steps"] == 3
 
 
+def test_distill_from_takes_a_model_or_its_pruner():
+    dense = FAMILIES["llama-gqa"].build()
+    for teacher in (dense, Pruner(dense)):  # a CausalLM's own .model is its trunk, not a model to distill from
+        pruner = pruned()
+        heal(pruner, max_steps=1, distill_from=teacher)
+        assert pruner.pruning_config.metrics["heal_distillation_alpha"] == 1.0
+
+
 class _Interrupted(Exception):
     pass
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ...calibration import load_calibration
 from ...generated_text import parse_source
 from ...teacher_cache import build_teacher_cache
@@ -17,7 +19,8 @@ def run(session: Any, config: HealConfig, options: RunConfig | None = None) -> d
     teacher = config.distill_from
     if isinstance(teacher, str):
         teacher = type(session).from_pretrained(teacher).model
-    teacher = getattr(teacher, "model", teacher)
+    if not isinstance(teacher, nn.Module):  # a Pruner / session: its model (a model's own .model is its trunk)
+        teacher = getattr(teacher, "model", teacher)
     sparse = training.keeps_zeros(session.pruning_config)
     alpha = training.check_heal(session.model, teacher, config.alpha, config.resume_from_checkpoint,
                                 config.output_dir, lora=config.lora, sparse=sparse)
