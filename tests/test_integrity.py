@@ -190,14 +190,23 @@ def test_loading_another_head_of_the_checkpoint_still_works(saved):
 
 
 def test_trust_remote_code_path_refuses_the_same_checkpoints(saved, tmp_path):
-    remote = ast.parse((saved[0] / "integrity.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(remote) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(remote) if isinstance(n, ast.ImportFrom) and not n.level}
-    assert imported <= {"__future__", "re", "typing", "torch", "transformers"}, imported
+    for name in ("integrity.py", "headers.py"):  # they travel with the weights: no optimum_prune imports
+        remote = ast.parse((saved[0] / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(remote) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(remote) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert imported <= {"__future__", "copy", "json", "os", "re", "struct", "typing", "torch", "transformers"}
+    config = json.loads((saved[0] / "config.json").read_text())
+    tensors = load_file(str(saved[0] / WEIGHTS))
     cases = {
         "depth": _edited(saved[0], tmp_path / "depth", num_original_layers=10**10),
         "head": _edited(saved[0], tmp_path / "head", remove_heads={"3": [0, 9]}),
         "unexpected": _edited(saved[0], tmp_path / "unexpected", drop_attention=[0, 3]),
+        "width": _copy(saved[0], tmp_path / "width", config={**config, "intermediate_size": 10**10}),
+        "hidden": _copy(saved[0], tmp_path / "hidden", config={**config, "hidden_size": 64}),
+        "nan": _copy(saved[0], tmp_path / "nan", tensors={**tensors, "model.norm.weight": tensors[
+            "model.norm.weight"].clone().fill_(float("nan"))}),
+        "int": _copy(saved[0], tmp_path / "int", tensors={**tensors, "model.norm.weight": tensors[
+            "model.norm.weight"].to(torch.int32)}),
     }
     out = run_without_plugin(f"""
         import transformers
@@ -209,10 +218,13 @@ def test_trust_remote_code_path_refuses_the_same_checkpoints(saved, tmp_path):
                 print(name, type(err).__name__, isinstance(err, RuntimeError), str(err).replace(chr(10), " "))
     """)
     lines = {line.split(" ", 1)[0]: line for line in out.splitlines() if line.split(" ", 1)[0] in cases}
-    assert all("CheckpointIntegrityError True" in line for line in lines.values()), out
+    assert len(lines) == len(cases) and all("CheckpointIntegrityError True" in v for v in lines.values()), out
     assert "num_original_layers` is 10000000000" in lines["depth"]
     assert "remove_heads[3]` has index(es) [9]" in lines["head"]
     assert "drop_attention` lists layer 3" in lines["unexpected"]
+    assert "`intermediate_size` gives 10000000000" in lines["width"]  # config.json vs the headers, before building
+    assert "`hidden_size` is 64, but the weights were saved with 32" in lines["hidden"]
+    assert "NaN/inf values" in lines["nan"] and "`model.norm.weight` is stored as I32" in lines["int"]
 
 
 # ---------------------------------------------------------------------- 3. non-finite weights and activations

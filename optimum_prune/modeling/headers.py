@@ -12,6 +12,7 @@ torch, transformers and its sibling modules.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -297,13 +298,11 @@ def _dimension_fields(config: Any) -> dict[str, int]:
 def explain_dimensions(model_class: type, config: Any, headers: Headers, wrong: list, limit: int = 8) -> str | None:
     """Which config.json field makes the first misshapen tensor's shape, found by rebuilding the meta skeleton
     with that field changed until the tensor fits (at most ``limit`` rebuilds, on the error path only)."""
-    import copy
-
     name, in_file, expected = wrong[0]
     fields = _dimension_fields(config)
     tried: list[tuple[int, str, int]] = []
     for e, f in zip(expected, in_file) if len(expected) == len(in_file) else []:
-        if e == f or f == 0:
+        if e == f or 0 in (e, f):
             continue
         for field, v in fields.items():
             if (v * f) % e == 0:  # the field scales this axis
