@@ -52,8 +52,9 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 512
-    """Sampled tokens per text (sampling stops earlier at the end-of-sequence token)."""
-    batch_size: int = 8
+    """Sampled tokens per text (a text ends earlier at EOS or any other special token)."""
+    batch_size: int = 32
+    """Texts sampled together (part of the identity: it changes the random stream); larger is faster per token."""
     prompts: tuple[str, ...] = ("",)
     """Generic prompts, cycled per batch; "" starts from the BOS token alone."""
     split: str = "train"
@@ -172,6 +173,13 @@ def _eos(model: nn.Module, tokenizer: Any) -> int | None:
     return value if isinstance(value, int) else getattr(tokenizer, "eos_token_id", None)
 
 
+def _stop_tokens(model: nn.Module, tokenizer: Any) -> set[int]:
+    """Where a text ends: the EOS token and every special token (a document or turn boundary, e.g. <|endoftext|>)."""
+    stops = set(getattr(tokenizer, "all_special_ids", None) or [])
+    eos = _eos(model, tokenizer)
+    return stops | ({eos} if eos is not None else set())
+
+
 def _identity(model: nn.Module, tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:
     identity = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
                 "sampling": settings.sampling()}
@@ -268,8 +276,9 @@ def _sample_batch(model: nn.Module, tokenizer: Any, settings: GenerationSettings
     device = next(model.parameters()).device
     start = torch.tensor([ids] * settings.batch_size, device=device)
     eos = _eos(model, tokenizer)
+    stops = _stop_tokens(model, tokenizer)
     config = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                              max_new_tokens=settings.max_new_tokens, eos_token_id=eos,
+                              max_new_tokens=settings.max_new_tokens, eos_token_id=sorted(stops) or None,
                               pad_token_id=eos if eos is not None else 0)
     was_training = model.training
     model.eval()
@@ -279,9 +288,8 @@ def _sample_batch(model: nn.Module, tokenizer: Any, settings: GenerationSettings
     model.train(was_training)
     texts = []
     for row in out[:, start.shape[1]:].tolist():
-        if eos is not None and eos in row:
-            row = row[:row.index(eos)]
-        texts.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        texts.append(prompt + tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
 
 
