@@ -17,12 +17,15 @@ from optimum_prune.modeling.pruning_config import PruningConfigError
 from test_reload import run_without_plugin
 from zoo import FAMILIES, MOE_FAMILIES, inputs, never_routed, outputs, zeroed_reference
 
+# expert neurons: every kept expert of a layer loses the same number (8 of 24), at its own indices
 MIXED = PruningConfig(remove_experts={0: [1, 4], 2: [0, 2, 5]}, remove_heads={3: [0, 2]}, drop_attention=[0],
-                      drop_mlp=[2], drop_layers=[1])
+                      drop_mlp=[2], drop_layers=[1],
+                      remove_expert_neurons={0: {e: list(range(e, e + 8)) for e in (0, 2, 3, 5)},
+                                             3: {e: list(range(2 * e, 2 * e + 8)) for e in range(6)}})
 
 
 def _moe_zeroed(model, structure: PruningConfig):
-    """The dense model with the removed heads / sublayers / blocks' outputs zeroed (experts kept)."""
+    """The dense model with the removed heads / sublayers / blocks' / expert neurons' outputs zeroed (experts kept)."""
     attention_only = PruningConfig(remove_heads=structure.remove_heads, remove_neurons=structure.remove_neurons,
                                    drop_attention=sorted(set(structure.drop_attention) | set(structure.drop_layers)))
     ref = zeroed_reference(model, attention_only, include_drop_layers=False)
@@ -33,6 +36,10 @@ def _moe_zeroed(model, structure: PruningConfig):
             get_module(block, adapter.experts.experts).down_proj.zero_()
             if adapter.mlp_out:
                 get_module(block, adapter.mlp_out).weight.zero_()
+        for layer, experts in structure.remove_expert_neurons.items():
+            down = get_module(adapter.layers(ref)[layer], adapter.experts.experts).down_proj
+            for expert, neurons in experts.items():
+                down[expert][:, neurons] = 0
     return ref
 
 
@@ -55,11 +62,13 @@ def test_removing_experts_the_router_never_picks_leaves_logits_unchanged(family)
     assert router.weight.shape[0] == experts.gate_up_proj.shape[0] == experts.num_experts == router.num_experts == 4
 
 
-STRUCTURE = PruningConfig(remove_heads={3: [0, 2]}, drop_attention=[0], drop_mlp=[2], drop_layers=[1])
+STRUCTURE = PruningConfig(remove_heads={3: [0, 2]}, drop_attention=[0], drop_mlp=[2], drop_layers=[1],
+                          remove_expert_neurons={3: {e: list(range(2 * e, 2 * e + 8)) for e in range(6)}})
 
 
 def _structure(family: str) -> PruningConfig:
-    """Heads, sublayers and a block; Qwen2-MoE also loses neurons of its shared expert (its dense FFN)."""
+    """Heads, sublayers, a block, neurons inside every expert of layer 3; Qwen2-MoE also loses neurons of its
+    shared expert (its dense FFN)."""
     extra = PruningConfig(remove_neurons={0: [1, 2, 30]}) if family == "qwen2_moe" else PruningConfig()
     return STRUCTURE.merge(extra)
 
@@ -102,10 +111,14 @@ def test_reload_with_plugin_moe(family, tmp_path):
     expected, batch = _save_mixed(family, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["pruning_config"]
     assert saved["remove_experts"] == {"0": [1, 4], "2": [0, 2, 5]}
+    assert saved["remove_expert_neurons"]["0"] == {"0": list(range(8)), "2": list(range(2, 10)),
+                                                   "3": list(range(3, 11)), "5": list(range(5, 13))}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(outputs(reloaded, batch), expected, atol=1e-5, rtol=0)
     layout = get_adapter(reloaded).experts
-    assert layout.modules(get_adapter(reloaded).layers(reloaded)[0])[1].gate_up_proj.shape[0] == 4
+    H = reloaded.config.hidden_size
+    assert layout.modules(get_adapter(reloaded).layers(reloaded)[0])[1].gate_up_proj.shape == (4, 2 * 16, H)
+    assert layout.modules(get_adapter(reloaded).layers(reloaded)[2])[1].down_proj.shape == (6, H, 16)  # layer 3
     reloaded.save_pretrained(tmp_path / "again")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     torch.testing.assert_close(outputs(again, batch), expected, atol=1e-5, rtol=0)
@@ -147,6 +160,13 @@ def test_expert_structures_that_cannot_hold_fail_naming_the_fix(tmp_path):
         Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_neurons={0: [1]}))
     with pytest.raises(PruningConfigError, match="no Mixture-of-Experts layers"):
         Pruner(FAMILIES["llama-gqa"].build()).apply(PruningConfig(remove_experts={0: [1]}))
+    with pytest.raises(PruningConfigError, match=r"different numbers of neurons from the kept experts .*one fused"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_expert_neurons={0: {0: list(range(8))}}))
+    with pytest.raises(PruningConfigError, match=r"leaves each expert 20 FFN neurons: keep a multiple of 8"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_expert_neurons={0: {e: [1, 2, 3, 4]
+                                                                                    for e in range(6)}}))
+    with pytest.raises(PruningConfigError, match=r"removes all neurons of expert 2; .*`remove_experts\[0\]`"):
+        Pruner(copy.deepcopy(model)).apply(PruningConfig(remove_expert_neurons={0: {2: list(range(24))}}))
     # a checkpoint whose expert tensors disagree with its pruning_config names the field
     pruner = Pruner(model)
     pruner.apply(PruningConfig(remove_experts={0: [1]}))

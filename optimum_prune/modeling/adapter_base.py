@@ -81,6 +81,8 @@ class ExpertLayout:
     """Attributes (``router.`` / ``experts.`` + name) recomputed to the layer's number of experts."""
     num_experts: Callable[[Any], int] = lambda config: config.num_experts
     experts_per_token: Callable[[Any], int] = lambda config: config.num_experts_per_tok
+    expert_size: Callable[[Any], int] = lambda config: config.intermediate_size
+    """FFN width of each expert."""
 
     def modules(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(router, experts) modules of one block."""
@@ -176,6 +178,7 @@ class ArchitectureAdapter:
             intermediate_size=self.intermediate_size(config),
             num_experts=self.experts.num_experts(config) if self.experts else 0,
             experts_per_token=self.experts.experts_per_token(config) if self.experts else 0,
+            expert_size=self.experts.expert_size(config) if self.experts else 0,
         )
 
     # ------------------------------------------------------------------ access

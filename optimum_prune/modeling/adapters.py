@@ -72,6 +72,8 @@ def _qwen_moe_check(config: Any, structure: Any) -> None:
 
 
 _MOE = ExpertLayout(block="mlp", router="mlp.gate", experts="mlp.experts")
+_QWEN_MOE = ExpertLayout(block="mlp", router="mlp.gate", experts="mlp.experts",
+                         expert_size=lambda config: config.moe_intermediate_size)
 # Llama-shaped attention with a Mixture-of-Experts FFN: no dense FFN neurons, unless a shared expert.
 _LLAMA_MOE = dict(_LLAMA_STYLE, mlp_in=(), mlp_out=None, intermediate_size=lambda config: 0, experts=_MOE)
 # Gemma 2 / 3: a norm before and after each sublayer ("post_attention_layernorm" is the attention's post-norm).
@@ -158,12 +160,12 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     # every token passes through (scaled by a sigmoid gate): its neurons are the family's FFN neurons.
     ArchitectureAdapter(name="mixtral", model_types=("mixtral",), **_LLAMA_MOE),
     ArchitectureAdapter(name="qwen3_moe", model_types=("qwen3_moe",),
-                        **dict(_LLAMA_MOE, check_structure=_qwen_moe_check)),
+                        **dict(_LLAMA_MOE, check_structure=_qwen_moe_check, experts=_QWEN_MOE)),
     ArchitectureAdapter(
         name="qwen2_moe",
         model_types=("qwen2_moe",),
         **dict(_LLAMA_MOE, mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
-               mlp_out="mlp.shared_expert.down_proj", check_structure=_qwen_moe_check,
+               mlp_out="mlp.shared_expert.down_proj", check_structure=_qwen_moe_check, experts=_QWEN_MOE,
                intermediate_size=lambda config: config.shared_expert_intermediate_size),
     ),
     ArchitectureAdapter(

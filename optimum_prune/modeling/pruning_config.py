@@ -13,6 +13,8 @@ from typing import Any
 
 CONFIG_KEY = "pruning_config"
 FORMAT_VERSION = 1
+EXPERT_WIDTH_MULTIPLE = 8
+"""Each expert's FFN width after neuron removal is a multiple of this (grouped-matmul alignment)."""
 _UNIT_FIELDS = ("remove_heads", "remove_neurons", "remove_experts")
 """Per-layer index maps (layer -> original indices of heads / FFN neurons / experts)."""
 
@@ -35,6 +37,22 @@ def _int_key_map(name: str, value: Any) -> dict[int, list[int]]:
         if isinstance(indices, int) or not isinstance(indices, (list, tuple, set, frozenset)):
             raise PruningConfigError(f"`{name}[{layer}]` must be a list of integers, got {indices!r}")
         out[layer] = sorted({_as_int(f"{name}[{layer}]", i) for i in indices})
+    return dict(sorted(out.items()))
+
+
+def _nested_key_map(name: str, value: Any) -> dict[int, dict[int, list[int]]]:
+    """layer -> {expert -> sorted indices}, from JSON's string keys; empty entries dropped."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PruningConfigError(f"`{name}` must map a layer index to {{expert index: [neuron indices]}}, got "
+                                 f"{type(value).__name__}")
+    out = {}
+    for key, inner in value.items():
+        layer = next(iter(_int_key_map(name, {key: []})))  # the key, checked to be an integer
+        mapping = {k: v for k, v in _int_key_map(f"{name}[{layer}]", inner).items() if v}
+        if mapping:
+            out[layer] = mapping
     return dict(sorted(out.items()))
 
 
@@ -75,6 +93,9 @@ class PruningConfig:
     remove_experts: dict[int, list[int]] = field(default_factory=dict)
     """Per Mixture-of-Experts layer, ORIGINAL expert indices removed (their router rows go with them); the
     layer keeps the others, at least as many as the router picks per token."""
+    remove_expert_neurons: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    """Per MoE layer, per ORIGINAL expert index, FFN neurons removed inside that expert. The experts of a layer
+    share one fused tensor, so every kept expert of a layer must keep the same number of neurons."""
     num_original_layers: int | None = None
     """Depth of the dense model; filled in when the config is applied."""
 
@@ -97,6 +118,7 @@ class PruningConfig:
         self.remove_heads = _int_key_map("remove_heads", self.remove_heads)
         self.remove_neurons = _int_key_map("remove_neurons", self.remove_neurons)
         self.remove_experts = _int_key_map("remove_experts", self.remove_experts)
+        self.remove_expert_neurons = _nested_key_map("remove_expert_neurons", self.remove_expert_neurons)
         self.drop_attention = _int_list("drop_attention", self.drop_attention)
         self.drop_mlp = _int_list("drop_mlp", self.drop_mlp)
         self.drop_layers = _int_list("drop_layers", self.drop_layers)
@@ -118,6 +140,8 @@ class PruningConfig:
         data["remove_heads"] = {str(k): list(v) for k, v in self.remove_heads.items()}
         data["remove_neurons"] = {str(k): list(v) for k, v in self.remove_neurons.items()}
         data["remove_experts"] = {str(k): list(v) for k, v in self.remove_experts.items()}
+        data["remove_expert_neurons"] = {str(k): {str(e): list(n) for e, n in v.items()}
+                                         for k, v in self.remove_expert_neurons.items()}
         return copy.deepcopy(data)
 
     def to_json_string(self, indent: int | None = 2) -> str:
@@ -172,8 +196,8 @@ class PruningConfig:
     @property
     def is_structured(self) -> bool:
         """True when anything other than whole blocks was removed (needs the pruned model classes)."""
-        return bool(self.remove_heads or self.remove_neurons or self.remove_experts or self.drop_attention
-                    or self.drop_mlp)
+        return bool(self.remove_heads or self.remove_neurons or self.remove_experts or self.remove_expert_neurons
+                    or self.drop_attention or self.drop_mlp)
 
     @property
     def is_empty(self) -> bool:
@@ -195,6 +219,7 @@ class PruningConfig:
             drop_mlp=self.drop_mlp,
             drop_layers=self.drop_layers,
             remove_experts=self.remove_experts,
+            remove_expert_neurons=self.remove_expert_neurons,
             num_original_layers=self.num_original_layers,
         )
 
@@ -206,6 +231,12 @@ class PruningConfig:
             for layer, idx in getattr(other, name).items():
                 mine[layer] = sorted(set(mine.get(layer, [])) | set(idx))
             setattr(merged, name, dict(sorted(mine.items())))
+        nested = copy.deepcopy(merged.remove_expert_neurons)
+        for layer, experts in other.remove_expert_neurons.items():
+            for expert, idx in experts.items():
+                have = nested.setdefault(layer, {}).get(expert, [])
+                nested[layer][expert] = sorted(set(have) | set(idx))
+        merged.remove_expert_neurons = {k: dict(sorted(v.items())) for k, v in sorted(nested.items())}
         for name in ("drop_attention", "drop_mlp", "drop_layers"):
             setattr(merged, name, sorted(set(getattr(merged, name)) | set(getattr(other, name))))
         if other.num_original_layers is not None:
@@ -215,7 +246,7 @@ class PruningConfig:
                     f"{other.num_original_layers} layers"
                 )
             merged.num_original_layers = other.num_original_layers
-        structural = {*_UNIT_FIELDS, "drop_attention", "drop_mlp", "drop_layers",
+        structural = {*_UNIT_FIELDS, "remove_expert_neurons", "drop_attention", "drop_mlp", "drop_layers",
                       "num_original_layers", "format_version"}
         for f in fields(self):
             if f.name not in structural and getattr(other, f.name) is not None:
@@ -235,7 +266,7 @@ class PruningConfig:
                 f"`num_original_layers` is {self.num_original_layers} but the model has {n} layers"
             )
         layer_fields = {name: list(getattr(self, name)) for name in ("drop_attention", "drop_mlp", "drop_layers")}
-        layer_fields.update({name: list(getattr(self, name)) for name in _UNIT_FIELDS})
+        layer_fields.update({name: list(getattr(self, name)) for name in (*_UNIT_FIELDS, "remove_expert_neurons")})
         for name, layers in layer_fields.items():
             for layer in layers:
                 if not 0 <= layer < n:
@@ -272,6 +303,44 @@ class PruningConfig:
                         f"{dims.experts_per_token} per token (`num_experts_per_tok`): keep at least "
                         f"{dims.experts_per_token}, or put {layer} in `drop_mlp` to remove the whole sublayer"
                     )
+        if self.remove_expert_neurons and not dims.num_experts:
+            raise PruningConfigError("`remove_expert_neurons` is set, but this model has no Mixture-of-Experts layers; "
+                                     "remove FFN neurons with `remove_neurons` instead")
+        for layer, experts in self.remove_expert_neurons.items():
+            self._check_expert_neurons(layer, experts, dims)
+
+    def _check_expert_neurons(self, layer: int, experts: dict[int, list[int]], dims: ModelDims) -> None:
+        """Range checks, and one width for every kept expert of the layer (they share a fused tensor)."""
+        bad = [e for e in experts if not 0 <= e < dims.num_experts]
+        if bad:
+            raise PruningConfigError(f"`remove_expert_neurons[{layer}]` names expert(s) {bad[:5]}, out of range: each "
+                                     f"layer has {dims.num_experts} experts (0..{dims.num_experts - 1})")
+        if layer in self.drop_mlp or layer in self.drop_layers:
+            return
+        gone = set(self.remove_experts.get(layer, []))
+        for expert, neurons in experts.items():
+            where = f"`remove_expert_neurons[{layer}][{expert}]`"
+            bad = [i for i in neurons if not 0 <= i < dims.expert_size]
+            if bad:
+                raise PruningConfigError(f"{where} has index(es) {bad[:5]}, out of range: each expert has "
+                                         f"{dims.expert_size} FFN neurons (0..{dims.expert_size - 1})")
+            if expert not in gone and len(neurons) == dims.expert_size:
+                raise PruningConfigError(f"{where} removes all neurons of expert {expert}; to remove the expert, put "
+                                         f"it in `remove_experts[{layer}]` instead")
+        removed = {e: len(experts.get(e, [])) for e in range(dims.num_experts) if e not in gone}
+        if len(set(removed.values())) > 1:
+            raise PruningConfigError(
+                f"`remove_expert_neurons[{layer}]` removes different numbers of neurons from the kept experts "
+                f"{removed}: the experts of a layer share one fused tensor, so each kept expert must lose the same "
+                "number of neurons (the indices may differ)"
+            )
+        kept = dims.expert_size - max(removed.values())
+        if kept % EXPERT_WIDTH_MULTIPLE:
+            raise PruningConfigError(
+                f"`remove_expert_neurons[{layer}]` leaves each expert {kept} FFN neurons: keep a multiple of "
+                f"{EXPERT_WIDTH_MULTIPLE} (transformers' grouped matmul over fused experts needs 16-byte aligned rows "
+                "in 16- and 32-bit floats)"
+            )
 
     def _check_units(self, name: str, layer: int, indices: list[int], total: int, unit: str, drop_field: str) -> bool:
         """Range-check one layer's unit indices; True when the layer's sublayer survives (more checks apply)."""
@@ -307,6 +376,8 @@ class ModelDims:
     """Routed experts per Mixture-of-Experts layer (0: a dense model)."""
     experts_per_token: int = 0
     """Experts the router picks per token (top-k)."""
+    expert_size: int = 0
+    """FFN width of each expert."""
 
     @property
     def heads_per_group(self) -> int:

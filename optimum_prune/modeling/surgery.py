@@ -234,23 +234,39 @@ def _apply_mlp(adapter: ArchitectureAdapter, config: Any, block: nn.Module, orig
 
 def _apply_experts(adapter: ArchitectureAdapter, block: nn.Module, orig: int, current: PruningConfig,
                    target: PruningConfig, dims) -> None:
-    """Remove experts (index e of the router's rows and of every fused expert tensor) from one MoE layer."""
+    """Remove experts (the router's row e and index e of each fused expert tensor) and FFN neurons inside the
+    kept experts (gate and up rows, down columns) from one MoE layer."""
     layout = adapter.experts
     if layout is None or orig in current.drop_mlp or orig in target.drop_mlp:
         return
-    have = set(current.remove_experts.get(orig, []))
-    want = set(target.remove_experts.get(orig, []))
-    if want == have:
+    have, want = set(current.remove_experts.get(orig, [])), set(target.remove_experts.get(orig, []))
+    have_n = current.remove_expert_neurons.get(orig, {})
+    want_n = target.remove_expert_neurons.get(orig, {})
+    if want == have and want_n == have_n:
         return
     kept_before = [e for e in range(dims.num_experts) if e not in have]
-    keep = torch.tensor([p for p, e in enumerate(kept_before) if e not in want], dtype=torch.long)
+    kept_after = [e for e in kept_before if e not in want]
+    positions_list = [kept_before.index(e) for e in kept_after]  # plain ints: the model may be built on meta
+    positions = torch.tensor(positions_list, dtype=torch.long)
     router, experts = layout.modules(block)
-    for module, names in ((router, ("weight", "bias")), (experts, (layout.gate_up, layout.down))):
-        for name in names:
-            param = getattr(module, name, None)
-            if isinstance(param, nn.Parameter):
-                _replace_param(module, name, param.data.index_select(0, keep.to(param.device)))
-    layout.set_count(block, len(keep))
+    for name in ("weight", "bias"):
+        param = getattr(router, name, None)
+        if isinstance(param, nn.Parameter):
+            _replace_param(router, name, param.data.index_select(0, positions.to(param.device)))
+    gate_up, down = getattr(experts, layout.gate_up).data, getattr(experts, layout.down).data
+    new_gate_up, new_down = [], []
+    for e, p in zip(kept_after, positions_list):
+        gone_before, gone_after = set(have_n.get(e, [])), set(want_n.get(e, []))
+        kept_n = [n for n in range(dims.expert_size) if n not in gone_before]
+        keep = torch.tensor([i for i, n in enumerate(kept_n) if n not in gone_after], dtype=torch.long,
+                            device=gate_up.device)
+        new_gate_up.append(gate_up[p].index_select(0, torch.cat([keep, keep + len(kept_n)])))  # gate rows, up rows
+        new_down.append(down[p].index_select(1, keep))
+    _replace_param(experts, layout.gate_up, torch.stack(new_gate_up))
+    _replace_param(experts, layout.down, torch.stack(new_down))
+    layout.set_count(block, len(kept_after))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = new_down[0].shape[1]
 
 
 def _drop_blocks(adapter: ArchitectureAdapter, model: nn.Module, kept_before: list[int], kept_after: list[int]) -> None:
