@@ -30,7 +30,8 @@ DOC = ROOT / "docs" / "support_matrix.md"
 FEATURES: dict[str, tuple[str, list[str]]] = {
     "surgery": ("heads, neurons, sublayers, blocks and a mix removed: logits equal the dense model with those "
                 "weights zeroed (1e-5), and the parameter count drops by exactly the removed weights; MoE: removing "
-                "experts the router never picks leaves the logits unchanged and removes exactly their weights",
+                "experts the router never picks leaves the logits unchanged and removes exactly their weights, "
+                "neurons inside experts equal zeroing them",
                 ["test_surgery.py::test_removal_equals_zeroed_dense",
                  "test_moe.py::test_heads_sublayers_and_blocks_equal_zeroed_dense",
                  "test_moe.py::test_removing_experts_the_router_never_picks_leaves_logits_unchanged"]),
