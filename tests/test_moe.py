@@ -293,3 +293,11 @@ def test_searches_that_do_not_cover_experts_yet_refuse_before_any_work():
         pruner.prune(target_speedup=1.5, calibration="not read: the check comes first")
     with pytest.raises(ValueError, match="EvoPress's structure search does not cover Mixture-of-Experts"):
         pruner.prune(method="evopress", target="structure", target_speedup=1.5, calibration="not read")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_dense_checkpoint_in_the_hub_layout_loads(family, tmp_path):
+    model = MOE_FAMILIES[family].build()
+    model.save_pretrained(tmp_path)  # transformers writes the Hub layout (Mixtral: per-expert w1 / w2 / w3)
+    loaded = Pruner.from_pretrained(str(tmp_path)).model
+    torch.testing.assert_close(outputs(loaded, inputs()), outputs(model, inputs()), atol=1e-6, rtol=0)
