@@ -119,7 +119,8 @@ def make_pruned(row: str, args: argparse.Namespace, dense) -> dict:
         raise SystemExit(f"unknown row {row!r}: ziplm-<speedup>, layerchop-<strategy> or evopress-depth-<ratio>")
     seconds = time.perf_counter() - start
     config = pruner.pruning_config
-    info = {"model": str(path), "calibration_windows": args.calibration_windows, "prune_seconds": round(seconds, 1), "prune_peak_rss_mib": peak_mib(),
+    info = {"model": str(path), "calibration_windows": args.calibration_windows, "prune_seconds": round(seconds, 1),
+            "prune_peak_rss_mib": peak_mib(),
             "params": sum(p.numel() for p in pruner.model.parameters()),
             "measured_speedup": getattr(config, "measured_speedup", None),
             "structure": {k: getattr(config, k) for k in ("drop_layers", "drop_attention", "drop_mlp")
@@ -301,14 +302,16 @@ def write_table(results: dict, out: Path) -> None:
     for result in results["rows"].values():
         control = control_of(results, result)
         settings = result["settings"] or {}
-        head = (f"| {result['row']} | {result['params'] / 1e6:.1f} | {result['heal']} | {settings.get('data', '–')} | "
+        head = (f"| {result['row']} | {result['params'] / 1e6:.1f} | {result['heal']} | "
+                f"{settings.get('data', '–')} | "
                 f"{settings.get('steps', 0)} | {result['train_tokens']:,} |")
         if control is None:
             lines.append(head + " no control yet | – | – | – | – | " + str(result.get("label") or "") + " |")
             continue
         ratio = result["perplexity"] / control["perplexity"]
         lines.append(head + f" {result['perplexity']:.2f} | {ratio:.3f} | {result['kl']:.4f} | "
-                            f"{result['heal_seconds']:.0f} | {result['peak_rss_mib']:.0f} | {result.get('label') or ''} |")
+                            f"{result['heal_seconds']:.0f} | {result['peak_rss_mib']:.0f} | "
+                            f"{result.get('label') or ''} |")
         if result["row"] != "dense":
             points.setdefault(result["heal"], []).append((float(result["params"]) / 1e6, ratio))
     (out / "table.md").write_text("\n".join(lines) + "\n")
