@@ -71,24 +71,34 @@ class HessianError(RuntimeError):
 
 
 def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 copies of H and W, with H_ii = 1 for dead inputs (never active in calibration).
+    """fp32 H (a copy only when it has dead inputs: H_ii = 1 for inputs never active in calibration; callers
+    never write to it) and an fp32 copy of W.
 
     Unlike the reference code we do not zero the weights of dead inputs: they cost nothing on the
     calibration data, but inputs unseen there may use them (a ReLU neuron that never fired).
     """
-    H = hessian.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float32)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
     return H, weight.detach().to(torch.float32).clone()
 
 
+def _shifted(H: torch.Tensor, shift: float) -> torch.Tensor:
+    """H + shift·I as a new matrix (no identity matrix is built: one in_features² copy less at the peak)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(shift)
+    return Hd
+
+
 def _dampened(H: torch.Tensor, percdamp: float, retries: int, factor):
-    """Run ``factor(H + λ·mean(diag H)·I)`` (None on failure), growing λ ×10 until it succeeds."""
+    """Run ``factor(H, λ·mean(diag H))`` on H + λ·mean(diag H)·I (None on failure), growing λ ×10 until it
+    succeeds. ``factor`` builds the shifted matrix itself (``_shifted``) so it can free it early."""
     diag_mean = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = percdamp
     for attempt in range(retries + 1):
-        result = factor(H + damp * diag_mean * eye)
+        result = factor(H, damp * diag_mean)
         if result is not None:
             if attempt:
                 logger.warning("Hessian needed dampening %.3g (retry %d) to be positive definite", damp, attempt)
@@ -103,11 +113,15 @@ def _dampened(H: torch.Tensor, percdamp: float, retries: int, factor):
 def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; λ grows ×10 on failure instead of giving NaNs."""
 
-    def factor(Hd: torch.Tensor) -> torch.Tensor | None:
+    def factor(H: torch.Tensor, shift: float) -> torch.Tensor | None:
+        Hd = _shifted(H, shift)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # each in_features² intermediate is freed as soon as the next exists (peak: H, L, H⁻¹)
         if info.item() != 0:
             return None
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
         return U if info.item() == 0 and torch.isfinite(U).all() else None
 
     return _dampened(H, percdamp, retries, factor)
@@ -117,11 +131,13 @@ def dampened_inverse(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6
                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(H + λ·mean(diag H)·I, its inverse, λ), with the same ×10 retries as ``inverse_cholesky``."""
 
-    def factor(Hd: torch.Tensor):
+    def factor(H: torch.Tensor, shift: float):
+        Hd = _shifted(H, shift)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info.item() != 0:
             return None
         Hinv = torch.cholesky_inverse(L)
+        del L
         return (Hd, Hinv) if torch.isfinite(Hinv).all() else None
 
     (Hd, Hinv), damp = _dampened(H, percdamp, retries, factor)
@@ -137,7 +153,7 @@ def estimate_pruning_loss(weight: torch.Tensor, hessian: torch.Tensor, sparsity:
     """Sum of the smallest ``sparsity`` fraction of OBS saliencies per row (no update): the layer's loss estimate."""
     H, W = prepare_hessian(hessian, weight)
     diag_mean = torch.mean(torch.diag(H))
-    H += percdamp * diag_mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H = H + percdamp * diag_mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     hinv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(H)))
     scores = obs_saliency(W, hinv_diag)
     k = int(W.shape[1] * sparsity)
@@ -256,6 +272,7 @@ def compress_weight(
             fixed = fixed[:, perm]
 
     Hinv, damp = inverse_cholesky(H, percdamp)
+    del H
     num_groups = 1 if group is None else cols // group
     scale_out = torch.zeros(rows, num_groups, device=device)
     zero_out = torch.zeros(rows, num_groups, device=device)

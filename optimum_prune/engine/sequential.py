@@ -196,6 +196,7 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
                     del out
             outputs = kept if read_only else None
             H = finite_hessians(originals[index], groups, accs)  # NaN/inf inputs named before the solver
+            del accs  # their running sums would double the block's Hessians while it is compressed
         stats = compress(originals[index], block, groups, H) or {}
         del H
         if outputs is None:
