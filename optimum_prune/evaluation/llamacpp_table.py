@@ -11,8 +11,12 @@ model. Differences of whole-file times, divided by D, give one sublayer:
   deci graph drops the attention output of an FFN-free layer), minus D attention-free layers with the same
   32-neuron FFN.
 
-The dense model's own GGUF export (the real file, in the environment's type) gives ``dense_ms``; everything
-else (embeddings, head, norms) is ``rest_ms``. All files are timed in one llama.cpp child process in
+The dense model's own GGUF export (the real file, in the environment's type) gives ``dense_ms``; the rest
+(embeddings, LM head, final norm) is timed as the anchor alone with the model's real vocabulary, minus the anchor
+alone with a tiny one. Layers stacked alone time slower than inside the real model, so the sublayer times are
+then scaled by one factor that makes rest + depth x (full attention + full MLP) equal ``dense_ms`` (their
+ratios, which decide ZipLM's choices, are the synthetic files'; without the scaling, the rest came out as
+zero and speedups were over-predicted). All files are timed in one llama.cpp child process in
 interleaved rounds and each difference is taken within a round, so drift cancels; files are written and
 timed in groups that fit in memory. The self-checks and ``BusyMachineError`` are the torch table's.
 """
@@ -37,7 +41,7 @@ from .table_measure import CHECK_REPEATS, MIN_MS, _check_model, finish_table, me
 
 logger = logging.get_logger(__name__)
 
-LLAMACPP_TABLE_METHOD = "llamacpp-deci-stack-v1"
+LLAMACPP_TABLE_METHOD = "llamacpp-deci-stack-v2"
 """How llama.cpp tables are measured; part of their cache key, so tables measured another way are not reused."""
 
 ROUND_REPEATS = 3
@@ -85,8 +89,8 @@ def measure_llamacpp_table(
     logger.info("measuring the llama.cpp latency table of %s (%s): %d attention levels, %d MLP widths, %d-layer "
                 "files", type(model).__name__, key, len(attention_levels), len(grid), depth)
     with tempfile.TemporaryDirectory(prefix="optimum_prune_llamacpp_table_") as work:
-        probes = _Probes(Path(work), env, SyntheticShape.of(plan), depth, RandomWeights(seed=0))
-        bar = logging.tqdm(total=len(attention_levels) + len(grid) + 3, desc="llama.cpp latency files",
+        probes = _Probes(Path(work), env, SyntheticShape.of(plan), depth, RandomWeights(seed=0), plan.vocab_size)
+        bar = logging.tqdm(total=len(attention_levels) + len(grid) + 4, desc="llama.cpp latency files",
                            unit="file", disable=not progress)
         try:
             dense = export_for_timing(model, work, env, "dense")
@@ -97,21 +101,38 @@ def measure_llamacpp_table(
                 for kind, level in levels:
                     probes.path(kind, level)
                     bar.update(1)
-                probes.path("base", 0), probes.path("reference", 0)
-                bar.update(2)
+                probes.path("base", 0), probes.path("reference", 0), probes.path("head", 0)
+                bar.update(3)
         finally:
             bar.close()
         raw = measure_steadily(
             lambda label: _measure_once(probes, dense, groups, depth, repeats, warmup, label, progress),
             dims, num_layers, check=check and repeats >= CHECK_REPEATS, attempts=attempts)
-    return finish_table(raw, model, env, dims, grid, attention_levels, num_layers, key)
+    return finish_table(_calibrated(raw, num_layers, attention_levels[-1], grid[-1]), model, env, dims, grid,
+                        attention_levels, num_layers, key)
+
+
+def _calibrated(raw: dict, num_layers: int, full_attention: tuple[int, int], full_mlp: int) -> dict:
+    """Sublayer times scaled so that the measured rest plus every dense layer gives the dense file's time."""
+    per_layer = raw["attention"][full_attention] + raw["mlp"][full_mlp]
+    rest = min(max(raw["rest_ms"], 0.0), raw["dense_ms"])
+    scale = (raw["dense_ms"] - rest) / (num_layers * per_layer) if per_layer > 0 else 1.0
+    if not 0 < scale < float("inf"):
+        return raw
+    logger.info("llama.cpp table: rest %.4f ms; sublayer times scaled by %.3f to the dense file's %.4f ms",
+                rest, scale, raw["dense_ms"])
+    return {**raw, "attention": {k: v * scale for k, v in raw["attention"].items()},
+            "mlp": {k: v * scale for k, v in raw["mlp"].items()}, "scale": scale}
 
 
 class _Probes:
     """The synthetic files of one table, written on first use (see the module docstring)."""
 
-    def __init__(self, directory: Path, env: InferenceEnvironment, shape, depth: int, weights) -> None:
+    def __init__(self, directory: Path, env: InferenceEnvironment, shape, depth: int, weights,
+                 vocab_size: int = 256) -> None:
         self.directory, self.env, self.shape, self.depth, self.weights = directory, env, shape, depth, weights
+        self.vocab_size = vocab_size
+        """The model's real vocabulary (the "head" file)."""
         self.written: dict[tuple[str, object], Path] = {}
 
     def layers(self, kind: str, level: object) -> list:
@@ -119,7 +140,7 @@ class _Probes:
         from ..export.plan import ZERO_FFN_WIDTH, LayerPlan
 
         anchor = LayerPlan(0, 1, 1, ZERO_FFN_WIDTH, "full", "zero")
-        if kind == "base":
+        if kind in ("base", "head"):  # "head": the same file with the model's real vocabulary
             return [anchor]
         if kind == "reference":
             return [anchor] + [LayerPlan(0, 0, 0, ZERO_FFN_WIDTH, "none", "zero")] * self.depth
@@ -135,12 +156,16 @@ class _Probes:
                    for layer in self.layers(kind, level))
 
     def path(self, kind: str, level: object) -> Path:
+        from dataclasses import replace
+
         from ..export.synthetic import write_synthetic_gguf
 
         if (kind, level) not in self.written:
             name = f"{kind}_{level[0]}x{level[1]}" if kind == "attention" else f"{kind}_{level}"
             self.written[(kind, level)] = write_synthetic_gguf(
-                self.directory / f"{name}.gguf", self.layers(kind, level), self.shape, dtype=self.env.dtype,
+                self.directory / f"{name}.gguf", self.layers(kind, level),
+                replace(self.shape, vocab_size=self.vocab_size) if kind == "head" else self.shape,
+                dtype=self.env.dtype,
                 weights=self.weights)
         return self.written[(kind, level)]
 
@@ -167,7 +192,8 @@ def _groups(levels: list[tuple[str, object]], probes: _Probes, dense_bytes: int,
     """Levels split into groups whose files (plus the dense file and the two references) fit in memory."""
     per_weight = _BYTES_PER_WEIGHT.get(env.dtype, 0.75)
     budget = MEMORY_FRACTION * _available_bytes() - dense_bytes - per_weight * (
-        probes.weights_of("base", 0) + probes.weights_of("reference", 0))
+        probes.weights_of("base", 0) + probes.weights_of("reference", 0)
+        + 2 * probes.vocab_size * probes.shape.hidden_size)  # the "head" file: embeddings and output
     groups: list[list[tuple[str, object]]] = [[]]
     used = 0.0
     for level in levels:
@@ -189,15 +215,18 @@ def _measure_once(probes: _Probes, dense: Path, groups: list[list[tuple[str, obj
     mlp: dict[int, float] = {}
     diffs: dict[str, float] = {}
     dense_rounds: list[list[float]] = []
+    rests: list[float] = []
     try:
         for index, group in enumerate(groups):
             with_dense = index in (0, len(groups) - 1)
-            files = [probes.path("base", 0), probes.path("reference", 0)] + [probes.path(*lv) for lv in group]
+            files = [probes.path("base", 0), probes.path("reference", 0), probes.path("head", 0)] + [
+                probes.path(*lv) for lv in group]
             if with_dense:
                 files.append(dense)
             ms = time_gguf_files(files, probes.env, rounds=rounds, repeats=ROUND_REPEATS, warmup=1,
                                  preheat=warmup)
-            for i, (kind, level) in enumerate(group, start=2):
+            rests.extend(row[2] - row[0] for row in ms)
+            for i, (kind, level) in enumerate(group, start=3):
                 ref = 0 if kind == "mlp" else 1
                 diff = statistics.median((row[i] - row[ref]) / depth for row in ms)
                 if kind == "mlp":
@@ -220,5 +249,5 @@ def _measure_once(probes: _Probes, dense: Path, groups: list[list[tuple[str, obj
     after = statistics.median(last[half:] or last)
     dense_ms = statistics.median(t for rounds_ in dense_rounds for t in rounds_)
     return {"attention": attention, "mlp": mlp, "diffs": diffs, "base": 0.0, "dense_ms": dense_ms,
-            "dense_before": before, "dense_after": after}
+            "dense_before": before, "dense_after": after, "rest_ms": statistics.median(rests)}
 
