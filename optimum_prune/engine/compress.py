@@ -108,7 +108,7 @@ class _BlockCompressor:
         total_loss, zeros, numel, damp = 0.0, 0, 0, 0.0
         untouched: set[int] = set()
         for group in groups:
-            H = hessians.get(group.kind)
+            H = hessians.pop(group.kind, None)  # freed once its group is done (the block's peak is lower)
             if H is None and group.expert is not None and self.plan.needs_hessians:
                 untouched.add(group.expert)  # no calibration token was routed to it: nothing to calibrate on
                 continue

@@ -114,15 +114,15 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, retries: int = 6) 
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹; λ grows ×10 on failure instead of giving NaNs."""
 
     def factor(H: torch.Tensor, shift: float) -> torch.Tensor | None:
-        Hd = _shifted(H, shift)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # each in_features² intermediate is freed as soon as the next exists (peak: H, L, H⁻¹)
+        # one in_features² matrix beside H: the shifted H, its factor L, H⁻¹ and U overwrite each other
+        A = _shifted(H, shift)
+        info = torch.zeros((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info.item() != 0:
             return None
-        inverse = torch.cholesky_inverse(L)
-        del L
-        U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        return U if info.item() == 0 and torch.isfinite(U).all() else None
+        torch.cholesky_inverse(A, out=A)
+        torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        return A if info.item() == 0 and torch.isfinite(A).all() else None
 
     return _dampened(H, percdamp, retries, factor)
 
