@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--tolerance", type=float, default=0.07)
+    parser.add_argument("--preset", default=None, help="a ZipLM preset, e.g. fast (its own calibration size)")
+    parser.add_argument("--name", default=None, help="results file name (default: results / results-unloaded)")
     args = parser.parse_args()
 
     import torch
@@ -62,17 +65,17 @@ def main() -> None:
     for p in load:
         p.start()
     start = time.perf_counter()
+    load_before = os.getloadavg()
     rows, refused = [], None
     try:
         with tempfile.TemporaryDirectory() as cache:
-            import os
-
             os.environ["OPTIMUM_PRUNE_CACHE"] = cache  # a fresh table, measured under the load
             pruner = Pruner.from_pretrained("smollm2")
             try:
+                sizes = {} if args.preset else dict(num_samples=args.num_samples, seq_len=args.seq_len,
+                                                    search_iterations=0)
                 family = pruner.prune(target_speedup=list(args.targets), latency=dict(threads=args.threads),
-                                      calibration=str(DATA / "valid.txt"), num_samples=args.num_samples,
-                                      seq_len=args.seq_len, search_iterations=0)
+                                      calibration=str(DATA / "valid.txt"), preset=args.preset, **sizes)
             except BusyMachineError as err:
                 refused = str(err)
             else:
@@ -88,10 +91,12 @@ def main() -> None:
         for p in load:
             p.terminate()
     result = {"load_processes": args.load_processes, "threads": args.threads, "targets": args.targets,
-              "seconds": round(time.perf_counter() - start, 1), "refused": refused, "rows": rows,
+              "preset": args.preset,
+              "seconds": round(time.perf_counter() - start, 1),
+              "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "refused": refused, "rows": rows,
               "warnings": warnings}
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "results" if args.load_processes else "results-unloaded"
+    name = args.name or ("results" if args.load_processes else "results-unloaded")
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# ZipLM with {args.load_processes} busy process(es) beside it ({args.threads} threads)", ""]
     if refused:
@@ -100,7 +105,8 @@ def main() -> None:
         lines += ["| target | measured | miss | within ±7% | warned as missed | aimed at |", "|---:|---:|---:|:-:|:-:|---|"]
         lines += [f"| {r['target']:g}x | {r['measured']}x | {100 * r['miss']:+.1f}% | {r['within_7pct']} | "
                   f"{r['warned_missed']} | {r['aimed_at']} |" for r in rows]
-    lines += ["", f"Wall time {result['seconds']} s. Warnings:", ""] + [f"- {w}" for w in warnings]
+    lines += ["", f"Wall time {result['seconds']} s; load average (1/5/15 min) {load_before} before, "
+              f"{result['loadavg_1_5_15_after']} after. Warnings:", ""] + [f"- {w}" for w in warnings]
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
