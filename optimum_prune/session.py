@@ -72,7 +72,7 @@ class CompressionSession:
         arguments go to transformers' ``from_pretrained`` (``revision``, ``dtype``, ``token`` ...).
         """
         if max_memory is not None:  # weights beyond the budget stay on disk, one block resident at a time
-            from .engine.streaming import load_within
+            from .streamed_io import load_within
 
             loaded = load_within(name_or_path, max_memory, task=task, **kwargs)
             if loaded is not None:
@@ -295,7 +295,7 @@ class CompressionSession:
 
     def _save_weights(self, directory: Path, **kwargs: Any) -> None:
         if getattr(self.model, "_block_stream", None) is not None:  # block by block: shards and work directory
-            from .engine.streaming import save_streamed
+            from .streamed_io import save_streamed
 
             save_streamed(self.model, directory, get_adapter(self.model).layers(self.model), self.records)
         elif self.records:

@@ -13,7 +13,8 @@ from optimum_prune import Pruner, Quantizer
 from optimum_prune.engine.compress import CompressionPlan, compress_model, uniform
 from optimum_prune.engine.layers import original_layer_indices
 from optimum_prune.engine.sequential import SequentialOptions
-from optimum_prune.engine.streaming import StreamingError, block_stream, load_streamed, parse_memory, save_streamed
+from optimum_prune.engine.streaming import StreamingError, block_stream, load_streamed, parse_memory
+from optimum_prune.streamed_io import save_streamed
 from optimum_prune.methods.base import ConfigError
 from optimum_prune.modeling.adapters import get_adapter
 

@@ -188,3 +188,16 @@ def compress_model(model: nn.Module, input_ids: torch.Tensor | None, plan: Compr
                                               run_id=str(plan.describe()))
     return CompressionResult(result.stats, step.quantized, result.seconds, result.resumed_from)
 
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights over all compressible Linears of the blocks."""
+    adapter = get_adapter(model)
+    zeros = total = 0
+    for block in adapter.layers(model):
+        with resident(model, block):  # a streamed model's blocks are read one at a time
+            for group in linear_groups(adapter, block):
+                for module in group.modules:
+                    w = get_weight(module)
+                    zeros += int((w == 0).sum())
+                    total += w.numel()
+    return zeros / max(total, 1)

@@ -16,7 +16,6 @@ from transformers.pytorch_utils import Conv1D
 
 from ..modeling.adapters import ArchitectureAdapter, ExpertLayout, get_adapter, get_module
 from ..modeling.surgery import current_structure
-from .streaming import resident
 
 
 @dataclass
@@ -108,16 +107,3 @@ def original_layer_indices(model: nn.Module) -> list[int]:
     kept = [i for i in range(total) if i not in set(structure.drop_layers)]
     return kept if len(kept) == depth else list(range(depth))
 
-
-def zero_fraction(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over all compressible Linears of the blocks."""
-    adapter = get_adapter(model)
-    zeros = total = 0
-    for block in adapter.layers(model):
-        with resident(model, block):  # a streamed model's blocks are read one at a time
-            for group in linear_groups(adapter, block):
-                for module in group.modules:
-                    w = get_weight(module)
-                    zeros += int((w == 0).sum())
-                    total += w.numel()
-    return zeros / max(total, 1)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .environment import InferenceEnvironment
-    from .speedup import SpeedupMeasurement
+    from .timing import SpeedupMeasurement
 
 MAX_UBATCH = 512
 """llama.cpp's default physical batch: longer prefills run as several of these, as llama.cpp runs them."""
@@ -105,7 +105,7 @@ def export_for_timing(model: Any, directory: str | os.PathLike, environment: Inf
 def gguf_speedup(dense_path: str | os.PathLike, pruned_path: str | os.PathLike, environment: InferenceEnvironment,
                  *, rounds: int = 5, repeats: int = 4, warmup: int = 2) -> SpeedupMeasurement:
     """Speedup of one GGUF file over another in llama.cpp: the median over paired rounds of dense ms / pruned ms."""
-    from .speedup import SpeedupMeasurement
+    from .timing import SpeedupMeasurement
 
     ms = time_gguf_files([dense_path, pruned_path], environment, rounds=rounds, repeats=repeats, warmup=warmup)
     ratios = [d / p for d, p in ms]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from .env_timing import check_inputs, placed, random_ids, time_model
 from .environment import InferenceEnvironment
-from .timing import pinned_threads
+from .timing import SpeedupMeasurement, pinned_threads
 
 
 def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, *, repeats: int = 20,
@@ -36,17 +35,6 @@ def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, 
     ids = random_ids(model, env)
     with pinned_threads(env.threads), torch.no_grad():
         return time_model(model, env, ids, dict(repeats=repeats, warmup=warmup, device=env.torch_device))
-
-
-@dataclass(frozen=True)
-class SpeedupMeasurement:
-    """A measured speedup and the timings behind it."""
-
-    speedup: float
-    """Median over rounds of (dense ms / pruned ms) within the round."""
-    dense_ms: float
-    pruned_ms: float
-    round_speedups: tuple[float, ...]
 
 
 def measure_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, environment: InferenceEnvironment, *,

@@ -118,3 +118,14 @@ def measure_latency(
     return LatencyResult(median_ms=statistics.median(times), p10_ms=deciles[0], p90_ms=deciles[-1],
                          repeats=repeats, warmup=warmup, threads=used_threads, batch_size=batch, seq_len=length,
                          device=str(run_device), dtype=str(dtype).replace("torch.", ""))
+
+
+@dataclass(frozen=True)
+class SpeedupMeasurement:
+    """A measured speedup and the timings behind it."""
+
+    speedup: float
+    """Median over rounds of (dense ms / pruned ms) within the round."""
+    dense_ms: float
+    pruned_ms: float
+    round_speedups: tuple[float, ...]

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from ...engine.experts import refuse_experts
-from ...engine.layers import original_layer_indices, zero_fraction
+from ...engine.compress import zero_fraction
+from ...engine.layers import original_layer_indices
 from ...engine.quant import QuantSpec
 from ...engine.structure.database import build_database, keep_database, reusable_database
 from ...engine.structure.search import Stitcher, check_targets, chosen_levels

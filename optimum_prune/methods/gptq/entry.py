@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...engine.compress import CompressionPlan, compress_model, uniform
-from ...engine.layers import original_layer_indices, zero_fraction
+from ...engine.compress import CompressionPlan, compress_model, uniform, zero_fraction
+from ...engine.layers import original_layer_indices
 from ...engine.quant import QuantSpec
 from ..base import RunConfig
 from .config import GPTQConfig

@@ -8,7 +8,8 @@ from typing import Any
 from transformers.utils import logging
 
 from ...engine.compress import CompressionPlan, compress_model, uniform
-from ...engine.layers import linear_groups, original_layer_indices, zero_fraction
+from ...engine.compress import zero_fraction
+from ...engine.layers import linear_groups, original_layer_indices
 from ...engine.obs import PruneSpec
 from ...engine.schedule import build_schedule
 from ...modeling.adapters import get_adapter
