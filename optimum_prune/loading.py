@@ -147,6 +147,10 @@ def load_model(
     except Exception as err:  # transformers' config classes refuse a value (a string dimension ...)
         if isinstance(err, PruningConfigError):
             raise
+        if "does not recognize this architecture" in str(err):  # an unknown model_type, not a corrupt value
+            raise ModelLoadError(f"{name_or_path} is a model type this transformers version does not know (its "
+                                 "config.json's model_type); optimum-prune compresses the families listed in "
+                                 "docs/support_matrix.md. Upgrade transformers if the family is newer") from err
         raise ModelLoadError(f"the config.json of {name_or_path} holds a value transformers refuses "
                              f"({' '.join(str(err).split())}); restore it from the original checkpoint") from err
     get_adapter(config)  # an unsupported family fails here, before weights are read

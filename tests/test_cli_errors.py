@@ -355,3 +355,14 @@ def test_only_writer_failures_are_blamed_on_a_full_disk(tmp_path, monkeypatch):
         saving.atomic_write(tmp_path / "f.pt", fails(RuntimeError("[enforce fail] unexpected pos 1 vs 0")))
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "f.pt")
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left
+
+
+def test_unknown_model_type_is_named_as_unsupported_not_as_a_corrupt_file(tmp_path, capsys):
+    """A config.json whose model_type transformers does not know says so and where the supported families are."""
+    from optimum_prune.cli import main
+
+    (tmp_path / "config.json").write_text('{"architectures": ["FooForCausalLM"], "model_type": "foo"}')
+    code = main(["prune", "--model", str(tmp_path), "--target-speedup", "1.5", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model type this transformers version does not know" in err
+    assert "support_matrix" in err and "restore it" not in err and not (tmp_path / "out").exists()
