@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import transformers
@@ -70,6 +71,63 @@ def resolve_embedded(name: str) -> tuple[str, str | None, str] | None:
     return directory, spec.gguf_file, spec.base_model
 
 
+# llama.cpp's names for architectures whose transformers model_type is spelled otherwise (general.architecture)
+GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text", "gptneox": "gpt_neox",
+                    "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2", "phimoe": "phimoe", "command-r": "cohere",
+                    "deepseek2": "deepseek_v2", "granitemoe": "granitemoe", "t5encoder": "t5"}
+
+
+def gguf_loadable_model_types() -> tuple[str, ...]:
+    """The supported model types whose GGUF files transformers can dequantize (its GGUF loader's architectures)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from .modeling.adapters import SUPPORTED_MODEL_TYPES
+
+    readable = {GGUF_MODEL_TYPES.get(a, a) for a in GGUF_SUPPORTED_ARCHITECTURES}
+    return tuple(t for t in SUPPORTED_MODEL_TYPES if t in readable)
+
+
+def check_gguf_architecture(path: str) -> str:
+    """The model_type of the GGUF file at ``path``, from its metadata alone; refuses an unsupported architecture.
+
+    ``gguf.GGUFReader`` memory-maps the file and parses only the header (keys and tensor descriptions), so a file
+    optimum-prune or transformers cannot load fails in well under a second, before transformers reads the
+    tokenizer, builds the model or dequantizes a single tensor.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:
+        raise ImportError('loading GGUF files needs the gguf package: pip install "optimum-prune[gguf]"') from err
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from .modeling.adapters import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+
+    try:
+        field = GGUFReader(path, "r").fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    except (ValueError, OSError, IndexError) as err:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); restore it from its source") from err
+    if architecture is None:
+        raise ModelLoadError(f"{path} has no general.architecture key, so its family is unknown; restore it from "
+                             "its source")
+    model_type = GGUF_MODEL_TYPES.get(architecture, architecture)
+    loadable = gguf_loadable_model_types()
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        try:
+            get_adapter(SimpleNamespace(model_type=model_type, architectures=[architecture]))
+        except UnsupportedArchitectureError as err:
+            raise UnsupportedArchitectureError(
+                f"{path} holds a {architecture!r} model (GGUF general.architecture), read without dequantizing: {err}"
+                f" GGUF files load for: {', '.join(loadable)}; choose a model of one of those families") from None
+    if model_type not in loadable and architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{path} holds a {architecture!r} model (GGUF general.architecture): optimum-prune supports the family "
+            f"({model_type}), but transformers {transformers.__version__} cannot dequantize its GGUF files. Load the "
+            "original checkpoint instead (a safetensors directory or a Hub id). GGUF files load for: "
+            f"{', '.join(loadable)}")
+    return model_type
+
+
 def _task_for(family: str, class_names: set[str]) -> str | None:
     """The non-base task whose transformers class for ``family`` is among ``class_names``."""
     for task, (_, mapping_name, _) in TASKS.items():
@@ -130,6 +188,8 @@ def load_model(
     if gguf_file and os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
 
+    if gguf_file and os.path.isfile(os.path.join(name_or_path, gguf_file)):
+        check_gguf_architecture(os.path.join(name_or_path, gguf_file))  # seconds, before anything is dequantized
     load_kwargs = dict(kwargs)
     if gguf_file:
         load_kwargs["gguf_file"] = gguf_file

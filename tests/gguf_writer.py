@@ -67,3 +67,25 @@ def write_llama_gguf(model: torch.nn.Module, path: str) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_gguf_of_architecture(path: str, architecture: str, *, floats: int = 1 << 20) -> None:
+    """A GGUF file whose general.architecture is ``architecture``: a few keys, a vocab and one F32 tensor."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, architecture)
+    w.add_name(f"tiny-{architecture}")
+    w.add_block_count(1)
+    w.add_context_length(16)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(8)])
+    w.add_token_scores([0.0] * 8)
+    w.add_token_types([gguf.TokenType.NORMAL] * 8)
+    w.add_tensor("token_embd.weight", np.zeros((floats // 8, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

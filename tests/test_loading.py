@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
 import transformers
 
-from gguf_writer import write_llama_gguf
+from gguf_writer import write_gguf_of_architecture, write_llama_gguf
 from optimum_prune import Pruner, PruningConfig, UnsupportedArchitectureError
 from zoo import FAMILIES, inputs, outputs
 
@@ -45,6 +46,46 @@ def test_gguf_file_path_directly(tmp_path):
     pruner = Pruner.from_pretrained(str(tmp_path / "tiny.gguf"), gguf_file="tiny.gguf")
     pruner.save_pretrained(tmp_path / "plain")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "plain").model_type == "llama"
+
+
+@pytest.mark.parametrize("architecture, message", [
+    ("rwkv6", r"'rwkv6' model \(GGUF general.architecture\), read without dequantizing: optimum-prune does not "
+              r"support .*Supported model types: llama.* GGUF files load for: llama, mistral, qwen2, qwen3, gpt2, "
+              r"gemma2, gemma3_text, phi3, qwen3_moe, qwen2_moe; choose"),
+    ("falcon", r"'falcon' model .*does not support the architecture 'falcon'.* GGUF files load for: llama"),
+    ("gptneox", r"'gptneox' model .*optimum-prune supports the family \(gpt_neox\), but transformers .* cannot "
+                r"dequantize its GGUF files. Load the original checkpoint instead .*GGUF files load for: llama"),
+])
+def test_unsupported_gguf_fails_from_its_metadata_before_anything_is_dequantized(architecture, message, tmp_path,
+                                                                                   monkeypatch):
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    write_gguf_of_architecture(str(tmp_path / "model.gguf"), architecture)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the GGUF file was read beyond its metadata")
+
+    monkeypatch.setattr(gguf, "dequantize", never)
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", never)  # config, tokenizer and weights all go through it
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
+    before = sorted(os.listdir(tmp_path))
+    start = time.process_time()
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        Pruner.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    assert time.process_time() - start < 2.0  # CPU seconds of this process: the header only
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_gguf_architecture_names_map_to_model_types(tmp_path):
+    from optimum_prune.loading import check_gguf_architecture, gguf_loadable_model_types
+
+    loadable = gguf_loadable_model_types()
+    assert {"llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe"} <= set(loadable)
+    assert "gpt_neox" not in loadable and "olmo2" not in loadable  # supported families transformers reads no GGUF of
+    for architecture, model_type in [("llama", "llama"), ("gemma3", "gemma3_text"), ("qwen3moe", "qwen3_moe")]:
+        write_gguf_of_architecture(str(tmp_path / f"{architecture}.gguf"), architecture, floats=64)
+        assert check_gguf_architecture(str(tmp_path / f"{architecture}.gguf")) == model_type
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
