@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.export import GGUFExportError, export_gguf, plan_export
 from optimum_prune.export.quantize import describe_exit
-from zoo import FAMILIES, STRUCTURES, char_tokenizer, inputs
+from zoo import FAMILIES, STRUCTURES, _llama, char_tokenizer, inputs
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -206,3 +207,48 @@ def test_gguf_perplexity_matches_transformers(tmp_path):
     got = gguf_perplexity(path, input_ids=windows, seq_len=32)
     assert (got.num_tokens, got.num_windows) == (want.num_tokens, want.num_windows) == (93, 3)
     assert abs(got.perplexity / want.perplexity - 1) <= 1e-4
+
+
+def _llama_model(**config):
+    """The tiny GQA Llama of the zoo with some config settings changed."""
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_llama(**config))).eval()
+
+
+REFUSED_SETTINGS = {
+    "gelu": (dict(hidden_act="gelu"), "hidden_act is 'gelu'"),
+    "attention_bias": (dict(attention_bias=True), "biases"),
+    "mlp_bias": (dict(mlp_bias=True), "biases"),
+    "rope_llama3": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 16}), "RoPE scaling 'llama3'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_SETTINGS))
+def test_unsupported_settings_are_refused_before_writing(tmp_path, case):
+    """Llama-family models whose settings the llama/deci graphs cannot reproduce: refused, naming why, no file."""
+    config, reason = REFUSED_SETTINGS[case]
+    with pytest.raises(GGUFExportError, match=reason):
+        Pruner(_llama_model(**config)).export(tmp_path / "m.gguf", dtype="f32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_models_and_structures_are_refused_before_writing(tmp_path):
+    """A sliding window shorter than the context, a model without LM head, non-float (packed) weights, and a
+    structure that removes every sublayer: each refused with its reason, nothing written."""
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**_llama(sliding_window=8))).eval()
+    with pytest.raises(GGUFExportError, match="sliding-window attention"):
+        export_gguf(mistral, tmp_path / "m.gguf")
+    with pytest.raises(GGUFExportError, match="no language-model head"):
+        export_gguf(transformers.LlamaModel(transformers.LlamaConfig(**_llama())), tmp_path / "m.gguf")
+    packed = _llama_model()
+    packed.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(
+        torch.zeros(32, 48, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(GGUFExportError, match="not a materialized float tensor"):
+        export_gguf(packed, tmp_path / "m.gguf")
+    empty = Pruner(_llama_model())
+    empty.apply(PruningConfig(drop_attention=[0, 1, 2, 3], drop_mlp=[0, 1, 2, 3]))
+    with pytest.raises(GGUFExportError, match="no layer keeps attention or an MLP"):
+        empty.export(tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
