@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -384,3 +386,139 @@ def test_a_reused_table_is_announced_with_its_age_and_environment(llama, tmp_pat
         get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=2, **FAST)
     line = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
     assert len(line) == 1 and " ago for cpu float32, batch 1 x " in line[0] and "--remeasure-latency" in line[0]
+
+
+# ------------------------------------------------------------------------ other work on the cores (CPU meter)
+def busy_machine(monkeypatch, others_cores: float) -> None:
+    """The kernel's accounting says other processes used ``others_cores`` cores beside ours (on top of our own)."""
+    import time
+
+    from optimum_prune.evaluation import contention
+
+    monkeypatch.setattr(contention.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(contention, "MIN_WINDOW_S", 0.0)
+    monkeypatch.setattr(contention, "_machine_busy_s",
+                        lambda: time.process_time() + others_cores * time.perf_counter())
+
+
+def test_cpu_meter_reads_the_others_share_of_the_cores(monkeypatch):
+    from optimum_prune.evaluation import contention
+    from optimum_prune.evaluation.contention import CpuMeter
+
+    monkeypatch.undo()  # the suite switches the meter off (tests/conftest.py): here it reads this machine's /proc/stat
+    with CpuMeter() as meter:
+        start = time.perf_counter()
+        while time.perf_counter() - start < contention.MIN_WINDOW_S * (os.cpu_count() or 1) + 0.05:
+            pass
+    if meter.share is not None:  # Linux
+        share = meter.share  # a busy loop: our one core, or what the machine's other work left us of it
+        assert 0 < share.own_cores < 1.1 and share.others_cores >= 0
+        assert share.own_cores + share.others_cores < share.cpu_count + 0.2
+    with CpuMeter() as meter:
+        pass
+    assert meter.share is None  # too short a window to count
+
+    busy_machine(monkeypatch, others_cores=1.0)
+    with CpuMeter() as meter:
+        sum(i * i for i in range(200_000))
+    share = meter.share
+    assert share.others_cores == pytest.approx(1.0, abs=1e-3) and share.cpu_count == 2
+    assert share.contended(threads=2) and not share.contended(threads=1)  # one thread leaves a core for the others
+    assert "other processes used 1.00 of the 2 cores" in share.describe()
+    busy_machine(monkeypatch, others_cores=0.0)
+    with CpuMeter() as meter:
+        sum(i * i for i in range(200_000))
+    assert meter.share.others_cores == pytest.approx(0.0, abs=1e-3) and not meter.share.contended(threads=2)
+
+
+def test_a_latency_table_timed_while_other_processes_take_the_cores_is_refused(llama, monkeypatch):
+    from optimum_prune.evaluation.latency_table import BusyMachineError
+
+    env = InferenceEnvironment(seq_len=8, threads=2)
+    noisy_machine(monkeypatch, disturbed_passes=0)  # the timings themselves look steady
+    busy_machine(monkeypatch, others_cores=1.0)
+    with pytest.raises(BusyMachineError, match=r"3 attempts.*other processes used [\d.]+ of the 2 cores.*looks busy"):
+        measure_latency_table(llama, env, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 3
+    noisy_machine(monkeypatch, disturbed_passes=0)
+    busy_machine(monkeypatch, others_cores=0.1)  # a daemon: not enough to take our threads' cores
+    table = measure_latency_table(llama, env, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 1 and table.dense_ms == 201.0
+
+
+def test_a_slow_first_dense_timing_is_timed_again_not_taken_for_a_disturbance(llama, monkeypatch):
+    from optimum_prune.evaluation import table_measure
+
+    noisy_machine(monkeypatch, disturbed_passes=0)
+    dense = iter([300.0, 200.0, 204.0])  # slow right after loading, then steady
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: next(dense))
+    table = measure_latency_table(llama, ENV, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 1 and table.dense_ms == 200.0
+    noisy_machine(monkeypatch, disturbed_passes=0)
+    dense = iter([200.0, 300.0, 300.0] + [200.0, 201.0] * 3)  # slower after the table: a drift, measured again
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: next(dense))
+    measure_latency_table(llama, ENV, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 2
+
+
+def test_a_cached_table_is_checked_against_a_fresh_dense_timing(llama, tmp_path, monkeypatch, caplog):
+    from optimum_prune.evaluation import table_measure
+    from optimum_prune.evaluation.latency_table import BusyMachineError
+
+    noisy_machine(monkeypatch, disturbed_passes=0)
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: 600.0)  # cached while other work ran
+    first = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 1 and first.dense_ms == 600.0
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: 590.0)  # agrees: reused as is
+    assert get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=[16, 32, 48], **CHECKED) == first
+    assert NoisyTimer.passes == 1
+    # the dense model times 3x faster now, so the table is measured again
+    timings = iter([201.0, 201.0] + [200.0, 201.0])
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: next(timings))
+    with caplog.at_level(logging.WARNING):
+        again = get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 2 and again.dense_ms == 201.0
+    assert "timed the dense model at 600 ms, and it times 201 ms now" in caplog.text
+    assert "does not match this machine now; measuring it again" in caplog.text
+    assert get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=[16, 32, 48], check=False, **CHECKED) == again
+    monkeypatch.setattr(table_measure, "time_model", lambda *a, **k: 201.0)
+    busy_machine(monkeypatch, others_cores=2.0)  # both cores taken by others, so our one thread waits
+    with pytest.raises(BusyMachineError, match=r"^the machine looks busy \(other processes used [\d.]+ of the 2 cores"):
+        get_latency_table(llama, ENV, cache_dir=tmp_path, mlp_levels=[16, 32, 48], **CHECKED)
+    assert NoisyTimer.passes == 2  # refused before any table work
+
+
+def test_a_disturbed_speedup_is_measured_again_then_refused(llama, monkeypatch, caplog):
+    from optimum_prune.evaluation.latency_table import BusyMachineError
+
+    env = InferenceEnvironment(seq_len=8, threads=2)
+    pruned = FAMILIES["llama-gqa"].build()
+    rounds: list[tuple[float, float]] = []
+
+    def timings(pairs):
+        values = iter([t for pair in pairs for t in pair])
+        rounds.clear()
+
+        def measure(model, environment, *, repeats, warmup):
+            value = next(values)
+            rounds.append(value)
+            return value
+        monkeypatch.setattr(speedup, "measure_model_ms", measure)
+
+    timings([(20.0, 10.0)] * 3)  # steady: one attempt
+    assert lat.measure_speedup(llama, pruned, env, rounds=3).speedup == 2.0 and len(rounds) == 6
+    timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)] + [(20.0, 10.0)] * 3)  # rounds disagree, then steady
+    with caplog.at_level(logging.WARNING):
+        assert lat.measure_speedup(llama, pruned, env, rounds=3).speedup == 2.0
+    assert len(rounds) == 12 and "speedups from 1.667x to 3.000x" in caplog.text and "measuring again" in caplog.text
+    timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)] * 3)
+    with pytest.raises(BusyMachineError, match="speedup could not be measured steadily in 3 attempts"):
+        lat.measure_speedup(llama, pruned, env, rounds=3)
+    timings([(20.0, 10.0)] * 9)
+    busy_machine(monkeypatch, others_cores=1.0)  # steady numbers, but another process took a core of our two
+    with pytest.raises(BusyMachineError, match=r"other processes used [\d.]+ of the 2 cores.*--no-measure-speedup"):
+        lat.measure_speedup(llama, pruned, env, rounds=3)
+    timings([(2.0, 1.0), (3.0, 1.0), (2.0, 1.2)])  # a few ms: noise-dominated, not judged
+    assert lat.measure_speedup(llama, pruned, env, rounds=3).speedup == 2.0
+    timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)])
+    assert lat.measure_speedup(llama, pruned, env, rounds=3, check=False).speedup == 2.0  # asked not to check

@@ -7,9 +7,17 @@ import statistics
 import torch
 from transformers import PreTrainedModel
 
+from transformers.utils import logging
+
+from .contention import CHECK_FLOOR_MS, BusyMachineError, CpuMeter
 from .env_timing import check_inputs, placed, random_ids, time_model
 from .environment import InferenceEnvironment
 from .timing import SpeedupMeasurement, pinned_threads
+
+logger = logging.get_logger(__name__)
+
+SPREAD_TOLERANCE = 0.2
+"""Paired rounds may give speedups (or dense times) that differ by at most this fraction of their median."""
 
 
 def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, *, repeats: int = 20,
@@ -38,26 +46,60 @@ def measure_model_ms(model: PreTrainedModel, environment: InferenceEnvironment, 
 
 
 def measure_speedup(dense: PreTrainedModel, pruned: PreTrainedModel, environment: InferenceEnvironment, *,
-                    rounds: int = 5, repeats: int = 4, warmup: int = 2) -> SpeedupMeasurement:
+                    rounds: int = 5, repeats: int = 4, warmup: int = 2, check: bool = True,
+                    attempts: int = 3) -> SpeedupMeasurement:
     """Speedup of ``pruned`` over ``dense`` in ``environment``, timed in alternating rounds.
 
     Each round times the dense model, then the pruned one (median of ``repeats``); the speedup is the
     median of the per-round ratios. A shared machine drifts by 10% over minutes, so timing the dense
     model once and each pruned model later mistakes drift for speedup; paired rounds cancel it. With
-    engine="llama.cpp" both models are exported to GGUF (the environment's type) and timed in llama.cpp.
+    ``check``, a measurement that looks disturbed (other processes took cores our threads needed, or the rounds
+    disagree) is taken again, up to ``attempts`` times in all, then refused with ``BusyMachineError``: a speedup
+    timed on a busy machine is the scheduler's, and re-aiming on it misses the target. With engine="llama.cpp"
+    both models are exported to GGUF (the environment's type) and timed in llama.cpp.
     """
-    if rounds < 1:
-        raise ValueError(f"need rounds >= 1, got {rounds}")
+    if rounds < 1 or attempts < 1:
+        raise ValueError(f"need rounds >= 1 and attempts >= 1, got {rounds} and {attempts}")
     if environment.llamacpp:  # both GGUF exports loaded in one llama.cpp process, timed in the same paired rounds
         from .llamacpp_timing import measure_gguf_speedup
 
         return measure_gguf_speedup(dense, pruned, environment, rounds=rounds, repeats=repeats, warmup=warmup)
-    dense_times, pruned_times, ratios = [], [], []
-    for _ in range(rounds):
-        d = measure_model_ms(dense, environment, repeats=repeats, warmup=warmup)
-        p = measure_model_ms(pruned, environment, repeats=repeats, warmup=warmup)
-        dense_times.append(d)
-        pruned_times.append(p)
-        ratios.append(d / p)
-    return SpeedupMeasurement(statistics.median(ratios), statistics.median(dense_times),
-                              statistics.median(pruned_times), tuple(ratios))
+    env = environment.resolved()
+    found: list[str] = []
+    for attempt in range(1, attempts + 1):
+        dense_times, pruned_times, ratios = [], [], []
+        with CpuMeter() as meter:
+            for _ in range(rounds):
+                d = measure_model_ms(dense, env, repeats=repeats, warmup=warmup)
+                p = measure_model_ms(pruned, env, repeats=repeats, warmup=warmup)
+                dense_times.append(d)
+                pruned_times.append(p)
+                ratios.append(d / p)
+        measured = SpeedupMeasurement(statistics.median(ratios), statistics.median(dense_times),
+                                      statistics.median(pruned_times), tuple(ratios))
+        found = speedup_disturbances(measured, dense_times, meter, env) if check else []
+        if not found:
+            return measured
+        logger.warning("the speedup measurement looks disturbed (%s)%s", "; ".join(found),
+                       "; measuring again" if attempt < attempts else "")
+    raise BusyMachineError(
+        f"the speedup could not be measured steadily in {attempts} attempts ({'; '.join(found)}): the machine "
+        "looks busy. Measure on an idle machine (stop other work, or use fewer threads with "
+        "latency=dict(threads=...)), or pass measure_speedup=False (--no-measure-speedup) to skip the check")
+
+
+def speedup_disturbances(measured: SpeedupMeasurement, dense_times: list[float], meter: CpuMeter,
+                         env: InferenceEnvironment) -> list[str]:
+    """What says a speedup measurement was disturbed (empty: it looks steady)."""
+    if min(dense_times) < CHECK_FLOOR_MS or min(measured.pruned_ms, measured.dense_ms) <= 0:
+        return []  # too fast to tell noise from disturbance
+    found = []
+    share = meter.share
+    if share is not None and env.torch_device.type == "cpu" and share.contended(env.threads):
+        found.append(share.describe())
+    ratios = measured.round_speedups
+    if max(ratios) - min(ratios) > SPREAD_TOLERANCE * measured.speedup:
+        found.append(f"the paired rounds gave speedups from {min(ratios):.3f}x to {max(ratios):.3f}x")
+    if max(dense_times) - min(dense_times) > SPREAD_TOLERANCE * measured.dense_ms:
+        found.append(f"the dense model timed {min(dense_times):.4g} to {max(dense_times):.4g} ms across rounds")
+    return found

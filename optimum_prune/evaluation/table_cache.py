@@ -19,7 +19,7 @@ from .env_timing import TABLE_METHOD
 from .environment import InferenceEnvironment
 from .llamacpp_table import LLAMACPP_TABLE_METHOD, measure_llamacpp_table
 from .table import LatencyTable, mlp_grid, model_signature
-from .table_measure import measure_latency_table
+from .table_measure import CHECK_REPEATS, dense_disagreement, measure_latency_table
 
 logger = logging.get_logger(__name__)
 
@@ -72,7 +72,11 @@ def get_latency_table(
         if table is not None:
             logger.warning("reusing the latency table measured %s ago for %s (%s); remeasure=True "
                            "(--remeasure-latency) measures again", _age(path), _environment(table), path)
-            return table
+            checked = kwargs.get("check", True) and kwargs.get("repeats", 10) >= CHECK_REPEATS  # as the table's checks
+            disagreement = dense_disagreement(model, table) if checked and not environment.llamacpp else None
+            if disagreement is None:
+                return table
+            logger.warning("%s: the cached table does not match this machine now; measuring it again", disagreement)
     measure = measure_llamacpp_table if environment.llamacpp else measure_latency_table
     table = measure(model, environment, mlp_levels=grid, **kwargs)
     table.save(path)

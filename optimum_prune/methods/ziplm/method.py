@@ -206,6 +206,7 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
     speed = measure(pruned)
     bar.update(1)
     bar.set_postfix(measured=f"{speed:.3f}x")
+    logger.info("ZipLM %gx: aimed at %.4gx, measured %.4fx", target, aim, speed)
     best = (abs(speed / target - 1), picked, pruned, speed, aim)
     aims, points, measured = [aim], [(aim, speed)], [picked]
     for _ in range(settings.max_corrections):
@@ -221,12 +222,14 @@ def _hit_measured(target: float, items: list[Item], table, stitcher: Stitcher, r
         candidate = stitcher.build(items, picked)
         speed = measure(candidate)
         points.append((aim, speed))
+        logger.info("ZipLM %gx: re-aimed at %.4gx, measured %.4fx", target, aim, speed)
         bar.update(1)
         bar.set_postfix(measured=f"{speed:.3f}x", aim=f"{aim:.3f}x")
         if abs(speed / target - 1) < best[0]:
             best = (abs(speed / target - 1), picked, candidate, speed, aim)
     bar.close()
-    info = {"aimed_at": [round(a, 4) for a in aims], "aim": best[4], "miss": round(best[3] / target - 1, 4),
+    info = {"aimed_at": [round(a, 4) for a in aims], "measured_at": [round(s, 4) for _, s in points],
+            "aim": best[4], "miss": round(best[3] / target - 1, 4),
             "target_missed": best[0] > settings.speedup_tolerance}
     return best[1], best[2], best[3], info
 
