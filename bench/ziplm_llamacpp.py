@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -51,6 +52,23 @@ def perplexity(path: Path, windows: int, threads: int) -> float | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"]
 
 
+def quality(pruner, model, path: Path, windows: int) -> dict:
+    """transformers' perplexity of ``model`` on the same windows llama.cpp scores, and whether llama.cpp's greedy
+    32 tokens after a prompt equal transformers' (the file loads and generates exactly)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gguf_export import PROMPT, hf_generate, llama_generate
+
+    from optimum_prune.evaluation import perplexity as hf_perplexity
+    from optimum_prune.text import read_text
+
+    text = read_text(str(DATA / "test.txt"))
+    ppl = hf_perplexity(model, pruner.tokenizer, text, seq_len=512, max_windows=windows, progress=False).perplexity
+    ids = pruner.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    tokens = llama_generate(path, ids)
+    return {"ppl_transformers": ppl, "greedy_32_identical": tokens == hf_generate(model, ids),
+            "generation": pruner.tokenizer.decode(tokens)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0])
@@ -61,28 +79,38 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="paired rounds of the final speed measurement")
     parser.add_argument("--repeats", type=int, default=8, help="timed decode steps per model and round")
     parser.add_argument("--ppl-windows", type=int, default=4, help="llama.cpp perplexity windows (0: skip)")
+    parser.add_argument("--speedup-rounds", type=int, default=None,
+                        help="paired rounds of ZipLM's own speedup checks (default: the preset's)")
+    parser.add_argument("--timing-prefix", default=None,
+                        help="a command every llama.cpp timing child runs under, e.g. /tmp/s4/quiet.sh (a script "
+                             "that pauses other jobs on a shared machine while llama.cpp is timed)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
 
     from optimum_prune import Pruner
+    from optimum_prune.evaluation import llamacpp_timing
     from optimum_prune.evaluation.latency_table import InferenceEnvironment, gguf_speedup
 
+    if args.timing_prefix:
+        llamacpp_timing.CHILD_PREFIX[:] = shlex.split(args.timing_prefix)
     hf_logging.set_verbosity_warning()
     args.out.mkdir(parents=True, exist_ok=True)
     latency = dict(engine="llama.cpp", mode="decode", dtype=args.dtype, threads=args.threads)
     preset = None if args.preset == "none" else args.preset
     run = {"load_average_start": load(), "cpus": os.cpu_count(), "latency": latency, "preset": preset,
-           "targets": args.targets, "calibration": str(DATA / "valid.txt")}
+           "targets": args.targets, "calibration": str(DATA / "valid.txt"), "timing_prefix": args.timing_prefix}
     print(f"load average {run['load_average_start']} on {os.cpu_count()} CPUs", flush=True)
 
     start = time.perf_counter()
     pruner = Pruner.from_pretrained("smollm2")
     kwargs = {"num_samples": args.num_samples} if args.num_samples else {}
-    try:
+    if args.speedup_rounds:
+        kwargs["speedup_rounds"] = args.speedup_rounds
+    try:  # the bench measures its own table (remeasure): a cached one may come from another machine state
         family = pruner.prune(target_speedup=list(args.targets), latency=latency, preset=preset,
-                              calibration=str(DATA / "valid.txt"), **kwargs)
+                              calibration=str(DATA / "valid.txt"), remeasure_latency=True, **kwargs)
     except Exception as err:  # a BusyMachineError is a result here: record it honestly
         run.update(error=f"{type(err).__name__}: {err}", load_average_end=load(),
                    seconds=round(time.perf_counter() - start, 1))
@@ -106,6 +134,8 @@ def main() -> int:
     pruner.export(dense_path, dtype=args.dtype)
     rows = []
     dense_ppl = perplexity(dense_path, args.ppl_windows, args.threads) if args.ppl_windows else None
+    dense_quality = quality(pruner, pruner.model, dense_path, args.ppl_windows) if args.ppl_windows else {}
+    run["dense_quality"] = dict(dense_quality, ppl_llama_cpp=dense_ppl)
     for target in args.targets:
         member = family[target]
         config = member.pruning_config
@@ -137,6 +167,9 @@ def main() -> int:
         if args.ppl_windows:
             row["perplexity"] = perplexity(path, args.ppl_windows, args.threads)
             row["dense_perplexity"] = dense_ppl
+            row.update(quality(pruner, member.model, path, args.ppl_windows))
+            if row["perplexity"]:
+                row["ppl_llama_cpp_vs_transformers"] = round(row["perplexity"] / row["ppl_transformers"] - 1, 5)
         rows.append(row)
         print(json.dumps(row), flush=True)
     run.update(results=rows, load_average_end=load(), seconds=round(time.perf_counter() - start, 1),
@@ -154,20 +187,29 @@ def write_notes(path: Path, run: dict, args: argparse.Namespace) -> None:
     lines = ["# ZipLM timed in llama.cpp: SmolLM2-135M decode speedups", "",
              f"Command: `nice -n 10 .venv/bin/python bench/ziplm_llamacpp.py --targets "
              f"{' '.join(f'{t:g}' for t in args.targets)} --dtype {args.dtype} --threads {args.threads} --preset "
-             f"{args.preset} --rounds {args.rounds} --repeats {args.repeats} --ppl-windows {args.ppl_windows}`", "",
+             f"{args.preset} --rounds {args.rounds} --repeats {args.repeats} --ppl-windows {args.ppl_windows}"
+             + (f" --speedup-rounds {args.speedup_rounds}" if args.speedup_rounds else "")
+             + (f" --timing-prefix {args.timing_prefix}" if args.timing_prefix else "") + "`", "",
              f"Machine: {run['cpus']} CPUs, load average {run['load_average_start']} at the start, "
              f"{run.get('load_average_after_prune')} after pruning, {run['load_average_end']} at the end (1/5/15 min). "
              f"Pruning took {run['prune_seconds']} s; the whole run {run['seconds']} s.", "",
              f"Latency environment: `{run['latency']}`; table key `{run['table_environment_key']}`.", "",
              f"ZipLM settings: `{run['settings']}`.", "",
              "| target | predicted | ZipLM's check | bench (paired rounds) | miss | dense tok/s | pruned tok/s | "
-             "file MiB | perplexity (dense) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "file MiB | perplexity llama.cpp (dense) | transformers | greedy 32 same |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in run["results"]:
         ppl = f"{r['perplexity']:.2f} ({r['dense_perplexity']:.2f})" if r.get("perplexity") else "–"
         lines.append(f"| {r['target']:g}x | {r['predicted_speedup']}x | {r['ziplm_measured_speedup']}x | "
                      f"{r['bench_speedup']}x | {100 * r['bench_miss']:+.1f}% | {r['dense_tokens_per_s']} | "
-                     f"{r['pruned_tokens_per_s']} | {r['file_mib']} / {r['dense_file_mib']} | {ppl} |")
+                     f"{r['pruned_tokens_per_s']} | {r['file_mib']} / {r['dense_file_mib']} | {ppl} | "
+                     f"{r.get('ppl_transformers', 0):.2f} ({r.get('ppl_llama_cpp_vs_transformers', 0):+.2%}) | "
+                     f"{r.get('greedy_32_identical', '–')} |")
+    dq = run.get("dense_quality") or {}
+    if dq.get("ppl_llama_cpp"):
+        lines += ["", f"Dense f16 file: perplexity llama.cpp {dq['ppl_llama_cpp']:.4f}, transformers "
+                      f"{dq['ppl_transformers']:.4f} ({dq['ppl_llama_cpp'] / dq['ppl_transformers'] - 1:+.3%}); greedy 32 "
+                      f"tokens identical: {dq['greedy_32_identical']}."]
     lines += ["", "Round speedups: " + "; ".join(f"{r['target']:g}x: {r['bench_round_speedups']}"
                                                for r in run["results"]), ""]
     path.write_text("\n".join(lines) + "\n")

@@ -141,10 +141,22 @@ def test_a_crashing_llamacpp_child_names_the_signal_and_the_rebuild():
     from optimum_prune.evaluation.llamacpp_timing import LlamaCppTimingError, _raise_for
     from optimum_prune.export import LlamaCppCrashError
 
-    with pytest.raises(LlamaCppCrashError, match="SIGILL .*rebuild llama-cpp-python"):
-        _raise_for(subprocess.CompletedProcess([], -4, "", ""), 2)
+    with pytest.raises(LlamaCppCrashError, match="SIGILL .*rebuild llama-cpp-python.*--no-cache-dir"):
+        _raise_for(subprocess.CompletedProcess([], -4, "", ""), 2)  # pip's cache would reinstall the same build
     with pytest.raises(LlamaCppTimingError, match="could not load"):
         _raise_for(subprocess.CompletedProcess([], 1, "", "llama.cpp could not load x.gguf\n"), 1)
+
+
+def test_the_timing_child_runs_under_the_child_prefix(llama, tmp_path, monkeypatch):
+    """CHILD_PREFIX (e.g. a script that keeps a shared machine quiet) wraps the timing child, which still times."""
+    from optimum_prune.evaluation import llamacpp_timing
+
+    path = llamacpp_timing.export_for_timing(llama, tmp_path, ENV)
+    marker = tmp_path / "prefix-ran"
+    monkeypatch.setattr(llamacpp_timing, "CHILD_PREFIX", ["sh", "-c", 'touch "$0"; exec "$@"', str(marker)])
+    ms = llamacpp_timing.time_gguf_files([path], ENV, rounds=2, repeats=1, warmup=0)
+    assert marker.is_file()
+    assert len(ms) == 2 and all(len(row) == 1 and row[0] > 0 for row in ms)
 
 
 # ------------------------------------------------------------------------------------ ZipLM

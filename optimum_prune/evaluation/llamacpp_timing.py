@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 MAX_UBATCH = 512
 """llama.cpp's default physical batch: longer prefills run as several of these, as llama.cpp runs them."""
+CHILD_PREFIX: list[str] = []
+"""A command every timing child runs under (e.g. ``["taskset", "-c", "1"]``, or a script that keeps a shared
+machine quiet while it runs); empty by default. ``bench/ziplm_llamacpp.py --timing-prefix`` sets it."""
 
 
 class LlamaCppTimingError(RuntimeError):
@@ -62,7 +65,7 @@ def time_gguf_files(paths: Sequence[str | os.PathLike], environment: InferenceEn
     with tempfile.TemporaryDirectory(prefix="optimum_prune_llamacpp_") as work:
         spec_path, out_path = Path(work) / "spec.json", Path(work) / "times.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", __name__, str(spec_path), str(out_path)],
+        proc = subprocess.run([*CHILD_PREFIX, sys.executable, "-m", __name__, str(spec_path), str(out_path)],
                               capture_output=True, text=True)
         _raise_for(proc, len(files))
         return json.loads(out_path.read_text(encoding="utf-8"))["ms"]
