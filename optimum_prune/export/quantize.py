@@ -19,8 +19,9 @@ QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4
                "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
 """llama.cpp file types (``LLAMA_FTYPE_MOSTLY_<name>``) the export offers."""
 
-REBUILD_HINT = ('rebuild llama-cpp-python for this CPU, e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF" '
-                "pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python")
+REBUILD_HINT = ('rebuild llama-cpp-python without native CPU flags: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install '
+                "--no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python llama-cpp-python "
+                "(--no-cache-dir: pip would reinstall its cached build; docs/gguf.md)")
 
 
 class LlamaCppCrashError(RuntimeError):
