@@ -66,7 +66,7 @@ def main() -> None:
         p.start()
     start = time.perf_counter()
     load_before = os.getloadavg()
-    rows, refused = [], None
+    rows, refused, refused_after = [], None, None
     try:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["OPTIMUM_PRUNE_CACHE"] = cache  # a fresh table, measured under the load
@@ -77,7 +77,7 @@ def main() -> None:
                 family = pruner.prune(target_speedup=list(args.targets), latency=dict(threads=args.threads),
                                       calibration=str(DATA / "valid.txt"), preset=args.preset, **sizes)
             except BusyMachineError as err:
-                refused = str(err)
+                refused, refused_after = str(err), round(time.perf_counter() - start, 1)
             else:
                 for target, member in family.items():
                     config = member.pruning_config
@@ -86,14 +86,16 @@ def main() -> None:
                                  "miss": round(measured / target - 1, 4) if measured else None,
                                  "within_7pct": bool(measured) and abs(measured / target - 1) <= args.tolerance,
                                  "warned_missed": bool(config.search.get("target_missed")),
-                                 "aimed_at": config.search.get("aimed_at")})
+                                 "aimed_at": config.search.get("aimed_at"),
+                                 "measured_at": config.search.get("measured_at")})
     finally:
         for p in load:
             p.terminate()
     result = {"load_processes": args.load_processes, "threads": args.threads, "targets": args.targets,
               "preset": args.preset,
               "seconds": round(time.perf_counter() - start, 1),
-              "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "refused": refused, "rows": rows,
+              "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(), "refused": refused,
+              "refused_after_s": refused_after, "rows": rows,
               "warnings": warnings}
     OUT.mkdir(parents=True, exist_ok=True)
     name = args.name or ("results" if args.load_processes else "results-unloaded")
@@ -102,9 +104,10 @@ def main() -> None:
     if refused:
         lines += [f"Refused: {refused}", ""]
     else:
-        lines += ["| target | measured | miss | within ±7% | warned as missed | aimed at |", "|---:|---:|---:|:-:|:-:|---|"]
+        lines += ["| target | measured | miss | within ±7% | warned as missed | aimed at | measured at |",
+                  "|---:|---:|---:|:-:|:-:|---|---|"]
         lines += [f"| {r['target']:g}x | {r['measured']}x | {100 * r['miss']:+.1f}% | {r['within_7pct']} | "
-                  f"{r['warned_missed']} | {r['aimed_at']} |" for r in rows]
+                  f"{r['warned_missed']} | {r['aimed_at']} | {r['measured_at']} |" for r in rows]
     lines += ["", f"Wall time {result['seconds']} s; load average (1/5/15 min) {load_before} before, "
               f"{result['loadavg_1_5_15_after']} after. Warnings:", ""] + [f"- {w}" for w in warnings]
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
