@@ -21,7 +21,11 @@ text (split "heldout") when ``optimum_prune.generated_text`` is present, else ``
 perplexity windows (``kl_text`` says which). Each row runs in its own process, so ``peak_rss_mib``
 (``ru_maxrss``) is that row's peak; pruned models are made once and kept under ``--cache-dir``. Results are
 written after every row to ``bench/results/recovery/{results.json,table.md}`` (+ ``recovery.png``); a row
-already there with the same settings is not run again (``--force`` re-runs).
+already there with the same settings is not run again (``--force`` re-runs); rows healed with other settings
+(``--lr``, ``--steps`` ...) are kept as other rows. ``--checkpoint ROW=PATH`` starts a row from a model pruned
+earlier (ZipLM's latency table and speedup checks want a quiet machine, healing does not):
+
+    python bench/recovery.py --rows ziplm-1.5 ziplm-2.0 --checkpoint ziplm-1.5=out/1.5x ziplm-2.0=out/2x ...
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("OPTIMUM_PRUNE_CACHE", os.path.expanduser(
         "~/.cache/optimum-prune")), "recovery"), help="pruned models and teacher caches (large, not in git)")
+    parser.add_argument("--checkpoint", nargs="*", default=[], metavar="ROW=PATH",
+                        help="start ROW from a pruned checkpoint saved earlier (e.g. ziplm-1.5=/tmp/ziplm/1.5x: "
+                             "ZipLM pruned on a quiet machine) instead of pruning here")
     parser.add_argument("--force", action="store_true", help="run rows again even if results.json has them")
     parser.add_argument("--table-only", action="store_true", help="only re-render table.md and the plot")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one row in this process
@@ -92,6 +99,27 @@ def row_id(row: str, heal: str) -> str:
     return f"{row}/{heal}"
 
 
+def result_key(args: argparse.Namespace, one: str) -> str:
+    """The key of a row in results.json: rows healed with other settings (another learning rate, more steps) are
+    other rows, not replacements."""
+    settings = heal_settings(args, one.split("/")[1])
+    if settings is None:
+        return one
+    return one + f"@{settings['data']}-{settings['steps']}x{settings['batch_size']}x{settings['seq_len']}" \
+                 f"-lr{settings['learning_rate']:g}-alpha{settings['alpha']:g}"
+
+
+def checkpoints(args: argparse.Namespace) -> dict[str, Path]:
+    """``--checkpoint ROW=PATH`` as {row: path}."""
+    given = {}
+    for item in args.checkpoint:
+        row, sep, path = item.partition("=")
+        if not sep or not row or not path:
+            raise SystemExit(f"--checkpoint takes ROW=PATH (e.g. ziplm-1.5=/tmp/ziplm/1.5x), got {item!r}")
+        given[row] = Path(path).resolve()
+    return given
+
+
 # ------------------------------------------------------------------------------ one row (child process)
 def make_pruned(row: str, args: argparse.Namespace, dense) -> dict:
     """Prune the dense model as ``row`` says and save it under the cache; returns how it went."""
@@ -101,6 +129,13 @@ def make_pruned(row: str, args: argparse.Namespace, dense) -> dict:
     info_path = path / "recovery_prune.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
+    if row in checkpoints(args):  # pruned elsewhere: what its own pruning record says
+        config = Pruner.from_pretrained(str(path)).pruning_config
+        search = config.search or {}
+        return {"model": str(path), "checkpoint": True, "measured_speedup": config.measured_speedup,
+                "predicted_speedup": search.get("predicted_speedup"), "method": config.method,
+                "structure": {k: getattr(config, k) for k in ("drop_layers", "drop_attention", "drop_mlp")
+                              if getattr(config, k, None)}}
     pruner = Pruner.from_pretrained("smollm2")
     calibration = dict(calibration=str(DATA / "valid.txt"), num_samples=args.calibration_windows, seq_len=512)
     start = time.perf_counter()
@@ -131,7 +166,9 @@ def make_pruned(row: str, args: argparse.Namespace, dense) -> dict:
 
 
 def model_dir(row: str, args: argparse.Namespace) -> Path:
-    """Where the pruned model of ``row`` is kept: named by everything that made it."""
+    """Where the pruned model of ``row`` is kept: named by everything that made it (or the ``--checkpoint`` given)."""
+    if row in checkpoints(args):
+        return checkpoints(args)[row]
     if row.startswith("ziplm-"):
         name = f"{row}-fast"
     elif row.startswith("evopress-"):
@@ -142,6 +179,8 @@ def model_dir(row: str, args: argparse.Namespace) -> Path:
 
 
 def model_name(row: str, args: argparse.Namespace) -> str:
+    if row in checkpoints(args):
+        return str(model_dir(row, args))
     return "dense" if row == "dense" else model_dir(row, args).name
 
 
@@ -237,6 +276,8 @@ def child_argv(args: argparse.Namespace, one: str) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)] if value else []
         else:
             argv += [flag, str(value)]
     return argv
@@ -256,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for one in plan(args):
         row, heal = one.split("/")
-        old = results["rows"].get(one)
+        key = result_key(args, one)
+        old = results["rows"].get(key)
         if old and not args.force and old.get("settings") == heal_settings(args, heal) and \
                 old.get("eval_windows") == args.eval_windows and old.get("label") == args.label and \
                 old.get("model") == model_name(row, args):
@@ -273,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(lines[-1][len("RESULT "):])
         result["row_seconds"] = round(time.perf_counter() - start, 1)
         result["load_average"] = [round(x, 2) for x in os.getloadavg()]
-        results["rows"][one] = result
+        results["rows"][key] = result
         results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
         path.write_text(json.dumps(results, indent=2))
         write_table(results, out)
@@ -296,15 +338,17 @@ def write_table(results: dict, out: Path) -> None:
     labels = sorted({str(r.get("label")) for r in results["rows"].values() if r.get("label")})
     lines = [f"Rows labeled {', '.join(labels)}: not results of the issue's protocol (see NOTES.md).", ""] \
         if labels else []
-    lines += ["| model | params (M) | heal | data | steps | training tokens | perplexity | / control | KL to dense | "
-              "heal s | peak MiB | label |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["| model | params (M) | heal | data | steps | lr | training tokens | perplexity | / control | "
+              "KL to dense | heal s | peak MiB | label |",
+              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     points: dict[str, list[tuple[float, float]]] = {}
     for result in results["rows"].values():
         control = control_of(results, result)
         settings = result["settings"] or {}
         head = (f"| {result['row']} | {result['params'] / 1e6:.1f} | {result['heal']} | "
                 f"{settings.get('data', '–')} | "
-                f"{settings.get('steps', 0)} | {result['train_tokens']:,} |")
+                f"{settings.get('steps', 0)} | {settings.get('learning_rate', '–')} | "
+                f"{result['train_tokens']:,} |")
         if control is None:
             lines.append(head + " no control yet | – | – | – | – | " + str(result.get("label") or "") + " |")
             continue
