@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """A CONSTRUCTED Mixture-of-Experts from SmolLM2-135M's real weights, then REAP expert pruning against baselines.
 
-    python bench/moe_from_dense.py                      # 8 experts, top-2, ~30 min on 1 busy core
-    python bench/moe_from_dense.py --experts 8 --top-k 2 --calib-windows 16 --eval-windows 40
+    python bench/moe_from_dense.py --shared 768 --name qwen2moe-shared768-8x96-top2   # the committed row
+    python bench/moe_from_dense.py --name mixtral-8x192-top2      # every neuron routed (unusable: see NOTES)
 
 No real Mixture-of-Experts model is installable here (no PyPI package ships one), so this builds one that is not
 trained: each layer's dense SwiGLU FFN (1536 neurons) is split into ``--experts`` experts of equal width.
+
+With ``--shared N`` the N neurons of largest mean contribution form an always-on shared expert and the model is
+a ``Qwen2MoeForCausalLM`` (its shared-expert sigmoid gate set to 0, i.e. x0.5, undone by doubling the shared down
+projection); the other neurons are split as below. Without it, a ``MixtralForCausalLM`` routes every neuron.
 
 1. Calibration: ``--calib-windows`` windows of 512 tokens of WikiText-2 valid (seed 0); the input of every FFN is
    recorded, and for each token the contribution of each neuron (|silu(g)*u| x the norm of its down-projection

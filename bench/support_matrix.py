@@ -137,7 +137,8 @@ def render(records: list[dict], source: str) -> str:
     for feature, (proves, specs) in FEATURES.items():
         lines.append(f"- **{feature}**: {proves} ({', '.join(f'`tests/{s}`' for s in specs)}).")
     lines += ["", "Known limits of the families (not visible as a failing cell) are in "
-              "[architecture.md](architecture.md#families-and-their-mechanisms).", ""]
+              "[architecture.md](architecture.md#families-and-their-mechanisms). Real (not random) models: which "
+              "PyPI packages ship one, the slow tests and bench rows on them, in [real_models.md](real_models.md).", ""]
     return "\n".join(lines)
 
 
