@@ -511,13 +511,32 @@ def test_a_disturbed_speedup_is_measured_again_then_refused(llama, monkeypatch, 
     with caplog.at_level(logging.WARNING):
         assert lat.measure_speedup(llama, pruned, env, rounds=3).speedup == 2.0
     assert len(rounds) == 12 and "speedups from 1.667x to 3.000x" in caplog.text and "measuring again" in caplog.text
-    timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)] * 3)
-    with pytest.raises(BusyMachineError, match="speedup could not be measured steadily in 3 attempts"):
-        lat.measure_speedup(llama, pruned, env, rounds=3)
+    # uneven in every attempt, no other work on the cores: this machine's noise, the median of all rounds is kept
+    timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)] * 2 + [(20.0, 10.0), (20.0, 8.0), (20.0, 12.0)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = lat.measure_speedup(llama, pruned, env, rounds=3)
+    assert len(result.round_speedups) == 9 and result.speedup == 2.0 and len(rounds) == 18
+    assert "stayed uneven" in caplog.text and "no other work seen on the cores; the median of all 9 rounds" in caplog.text
     timings([(20.0, 10.0)] * 9)
     busy_machine(monkeypatch, others_cores=1.0)  # steady numbers, but another process took a core of our two
-    with pytest.raises(BusyMachineError, match=r"other processes used [\d.]+ of the 2 cores.*--no-measure-speedup"):
+    with pytest.raises(BusyMachineError, match=r"speedup could not be measured steadily in 3 attempts \(other "
+                                               r"processes used [\d.]+ of the 2 cores.*--no-measure-speedup"):
         lat.measure_speedup(llama, pruned, env, rounds=3)
+    assert len(rounds) == 18
+    # busy at first, then free: the busy rounds are dropped, the free ones kept
+    from optimum_prune.evaluation import contention
+
+    calls = []
+
+    def busy_then_free() -> float:  # other work on a core during the first attempt (2 reads), none after
+        calls.append(1)
+        return time.process_time() + (1.0 if len(calls) <= 2 else 0.0) * time.perf_counter()
+
+    monkeypatch.setattr(contention, "_machine_busy_s", busy_then_free)
+    timings([(40.0, 10.0)] * 3 + [(20.0, 10.0)] * 3)
+    result = lat.measure_speedup(llama, pruned, env, rounds=3)
+    assert result.round_speedups == (2.0, 2.0, 2.0) and result.dense_ms == 20.0 and len(calls) == 4
     timings([(2.0, 1.0), (3.0, 1.0), (2.0, 1.2)])  # a few ms: noise-dominated, not judged
     assert lat.measure_speedup(llama, pruned, env, rounds=3).speedup == 2.0
     timings([(20.0, 10.0), (30.0, 10.0), (20.0, 12.0)])
