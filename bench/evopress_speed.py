@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Seconds per generation of EvoPress's depth search on SmolLM2-135M, without and with the exact savings
-(parent activations reused, early stops, identical candidates once), in paired rounds: the plain search
+(parent activations reused, early stops, identical candidates once, KL scored window by window with scored
+(state, window) pairs reused and windows after a stop skipped), in paired rounds: the plain search
 (``cache_mib=0``) and the cached one back to back, same seed, same windows; each pair must choose the same
 sublayers with the same fitness history.
 

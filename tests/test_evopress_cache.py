@@ -103,3 +103,46 @@ def test_sparsity_and_structure_searches_choose_the_same_with_the_cache(tmp_path
         assert on["levels"] == off["levels"] and on["history"] == off["history"]
         assert on["fitness"] == pytest.approx(off["fitness"], rel=1e-9, abs=0)
         assert on["evaluations"] == off["evaluations"]
+
+
+@pytest.mark.parametrize("top_k", [5, None])
+def test_window_by_window_kl_equals_the_batched_kl_bit_for_bit(monkeypatch, top_k):
+    """The windowed mean (EvoPress's fast path) sums the same chunks in the same order as kl_to_reference, chunks
+    spanning windows included, and stops at the same chunk with the same lower bound."""
+    import optimum_prune.evaluation.models as models
+    from optimum_prune.evaluation.kl import kl_to_reference, mean_kl_of_windows, reference_logprobs, window_kl
+    from optimum_prune.evaluation.models import LogitsSource
+
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", VOCAB * 13)  # 13-position chunks across 32-token windows
+    dense = FAMILIES["llama-gqa"].build().eval()
+    reference = reference_logprobs(dense, CALIB, top_k, batch_size=3, progress=False)
+    with dropped_sublayers(dense, {1}, {2}) as model, torch.no_grad():
+        source = LogitsSource.probing(model, CALIB, torch.device("cpu"))
+        per_window = [window_kl(source, reference, r, torch.device("cpu"))[0] for r in range(CALIB.shape[0])]
+        for rows, batch in (([0, 5, 7, 2, 9], 3), ([4, 1, 11], 2), (list(range(12)), 4)):
+            expect = kl_to_reference(model, reference.subset(rows), batch_size=batch, progress=False)
+            asked = []
+            got = mean_kl_of_windows(lambda i: asked.append(i) or per_window[rows[i]], len(rows), CALIB.shape[1],
+                                     batch, lambda: VOCAB)
+            assert got == expect and asked == sorted(set(asked)) and len(asked) == len(rows)
+            threshold = 0.75 * expect  # reached after about three quarters of the positions
+            stopped = kl_to_reference(model, reference.subset(rows), batch_size=batch, progress=False,
+                                      stop_above=threshold)
+            asked.clear()
+            early = mean_kl_of_windows(lambda i: asked.append(i) or per_window[rows[i]], len(rows), CALIB.shape[1],
+                                       batch, lambda: VOCAB, stop_above=threshold)
+            assert early == stopped and threshold <= early < expect
+            assert len(asked) < len(rows)  # the windows after the stop were never asked for
+
+
+def test_fast_path_reuses_scored_windows(monkeypatch, tmp_path):
+    """The windowed fitness reuses (state, window) scores (the parent at every last step) while choosing what the
+    plain fitness chooses, with the same fitness values."""
+    model = FAMILIES["llama-gqa"].build()
+    off, off_parents = trajectory(monkeypatch, tmp_path, model, 0, "off", num_blocks=1, sublayers=True)
+    on, on_parents = trajectory(monkeypatch, tmp_path, model, 512, "on", num_blocks=1, sublayers=True)
+    windows = on.info["window_scores"]
+    assert windows["reused"] > 0 and windows["scored"] > 0
+    assert on_parents == off_parents and on.info["fitness"] == off.info["fitness"]
+    assert (on.drop_attention, on.drop_mlp) == (off.drop_attention, off.drop_mlp)
+    assert "window_scores" not in off.info

@@ -229,3 +229,65 @@ def _cached_rows(cached: ReferenceLogprobs, device: torch.device) -> Callable[[s
     flat_idx = cached.indices.reshape(n * length, -1)
     flat_rest = cached.rest_logprob.reshape(-1)
     return lambda sel, vocab: (flat_logp[sel].to(device), flat_idx[sel].to(device), flat_rest[sel].to(device))
+
+
+# ------------------------------------------------------------------------- one window at a time (searches)
+
+
+def window_kl(source: LogitsSource, cached: ReferenceLogprobs, row: int,
+              device: torch.device) -> tuple[torch.Tensor, int]:
+    """Per-position KL (fp32, [seq_len]) of the model behind ``source`` to ``cached`` on its window ``row``, and
+    the model's vocabulary size.
+
+    The same per-position numbers as ``kl_to_reference`` computes for that window in any batch (each position's
+    log-probs and KL depend on its own row only); run it under ``eval_no_grad``. With ``mean_kl_of_windows`` a
+    search scores window by window, reuses windows it scored before and stops between windows.
+    """
+    length = cached.input_ids.shape[1]
+    states = source.states(cached.input_ids[row:row + 1].to(device))
+    vocab = source.vocab_size(states)
+    if cached.indices is None:
+        _check_vocab(vocab, cached.logprobs.shape[-1])
+    step = chunk_rows(vocab)
+    out = []
+    for start in range(0, length, step):
+        sel = slice(start, start + step)
+        logq = source.logprobs(states[sel])
+        rest = None if cached.rest_logprob is None else cached.rest_logprob[row, sel].to(device)
+        idx = None if cached.indices is None else cached.indices[row, sel].to(device)
+        out.append(_kl_rows(logq, cached.logprobs[row, sel].to(device), idx, rest))
+    return torch.cat(out).float().cpu(), vocab
+
+
+def mean_kl_of_windows(kl_of: Callable[[int], torch.Tensor], windows: int, length: int, batch_size: int,
+                       vocab: Callable[[], int], stop_above: float | None = None) -> float:
+    """``kl_to_reference``'s mean over ``windows`` windows, from per-window per-position KL (``kl_of(i)`` for the
+    i-th window, asked for lazily, in order): the same chunks (``batch_size`` windows flattened, ``chunk_rows``
+    positions each), summed in the same order in fp64 and stopped at the same chunk with ``stop_above``, so the
+    result equals ``kl_to_reference(..., stop_above=...)`` on those windows bit for bit when the per-position
+    values are equal. A window after the stop is never asked for. ``vocab()`` is read after the first window."""
+    positions = windows * length
+    total, count, step = 0.0, 0, None
+    for begin in range(0, windows, batch_size):
+        members = list(range(begin, min(windows, begin + batch_size)))
+        have: dict[int, torch.Tensor] = {}
+        flat = len(members) * length
+        start = 0
+        while start < flat:
+            if step is None:
+                have[0] = kl_of(members[0])
+                step = chunk_rows(vocab())
+            end = min(flat, start + step)
+            pieces = []
+            for j in range(start // length, (end - 1) // length + 1):
+                if j not in have:
+                    have[j] = kl_of(members[j])
+                lo, hi = max(start, j * length) - j * length, min(end, (j + 1) * length) - j * length
+                pieces.append(have[j][lo:hi])
+            kl = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            total += kl.double().sum().item()
+            count += kl.numel()
+            if stop_above is not None and count < positions and total / positions >= stop_above:
+                return total / positions
+            start = end
+    return total / count

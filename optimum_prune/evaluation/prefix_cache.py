@@ -111,10 +111,12 @@ class PrefixCache:
         return [w for w in dict.fromkeys(canon) if start not in self.states.get(w, {})]
 
     @torch.no_grad()
-    def fill(self, parent_model: nn.Module, rows: Sequence[int], batch_size: int) -> None:
-        """Run the parent on ``rows`` (resuming from what it already holds) and keep every kept boundary."""
+    def fill(self, parent_model: nn.Module, rows: Sequence[int], batch_size: int, upto: int | None = None) -> None:
+        """Run the parent on ``rows`` (resuming from what it already holds) and keep every kept boundary; with
+        ``upto`` (a kept boundary) the forward stops there: later boundaries are filled when first needed."""
         if not rows:
             return
+        last = self.depth if upto is None else upto
         layers = self.adapter.layers(parent_model)
         device = model_device(parent_model)
         with eval_no_grad(parent_model):
@@ -123,11 +125,15 @@ class PrefixCache:
                 have = [set(self.states.get(w, {})) for w in batch]
                 start = max((b for b in self.boundaries if all(b in h for h in have)), default=0)
                 captured: dict[int, torch.Tensor] = {}
-                handles = [layers[b - 1].register_forward_hook(self._capture(captured, b))
-                           for b in self.boundaries if b > start]
+                if start >= last:
+                    continue
+                handles = [layers[b - 1].register_forward_hook(self._capture(captured, b, b == last))
+                           for b in self.boundaries if start < b <= last]
                 try:
                     with self.resume(parent_model, start, count=False):
                         call_without_cache(parent_model.base_model, self.windows[batch].to(device))
+                except _Filled:
+                    pass
                 finally:
                     for h in handles:
                         h.remove()
@@ -137,10 +143,12 @@ class PrefixCache:
                 self.stats.filled_windows += len(batch)
         self.stats.peak_mib = max(self.stats.peak_mib, self.nbytes() / 2**20)
 
-    def _capture(self, captured: dict[int, torch.Tensor], boundary: int):
+    def _capture(self, captured: dict[int, torch.Tensor], boundary: int, stop: bool = False):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self.tuple_output = isinstance(output, tuple)
             captured[boundary] = (output[0] if isinstance(output, tuple) else output).detach()
+            if stop:  # the rest of the forward is not needed
+                raise _Filled
         return hook
 
     # ------------------------------------------------------------------------------ resumed forwards
@@ -193,6 +201,10 @@ class PrefixCache:
                     del block.forward  # the instance attribute; the class's forward shows through again
                 else:
                     block.forward = previous
+
+
+class _Filled(Exception):
+    """Raised by the capture hook of ``fill(upto=...)``'s last boundary to end the parent's forward there."""
 
 
 def first_change(a: Sequence[Any], b: Sequence[Any]) -> int:

@@ -1,5 +1,7 @@
 """EvoPress fitness with exact savings: a candidate starts from its parent's cached activations at its first
 changed block, an evaluation that can no longer be selected stops early, identical candidates are scored once.
+KL fitness (causal LMs) is computed window by window: a (state, window) scored once is never scored again (the
+parent, re-scored at every last selection step, mostly costs nothing), and a stop skips the windows after it.
 
 Every saving leaves the scores the search compares, and so its trajectory, as they were (tested against the
 plain fitness): the skipped blocks would have computed what the parent computed, and a stopped evaluation
@@ -12,8 +14,11 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, ContextManager
 
+import torch
 from torch import nn
 
+from ...evaluation.kl import mean_kl_of_windows, window_kl
+from ...evaluation.models import LogitsSource, eval_no_grad, model_device
 from ...evaluation.prefix_cache import PrefixCache
 from ...evaluation.scorer import CalibrationScorer
 from ...modeling.adapters import get_adapter
@@ -27,10 +32,12 @@ class CachedFitness:
     """``fitness(state, step, rows)`` for ``evolve``, reusing the parent's prefix (``PrefixCache``)."""
 
     bounded = True  # evolve passes thresholds (``limit``) and the parent (``set_parent``)
+    MEMO_MIB = 64.0
+    """Per-position KL of scored (state, window) pairs kept for reuse (2 KiB per 512-token window)."""
 
     def __init__(self, scorer: CalibrationScorer, model_for: Callable[[list[int]], ContextManager[nn.Module]],
                  signature: Signature, default_rows: Callable[[int], list[int]], cache: PrefixCache | None,
-                 batch_size: int) -> None:
+                 batch_size: int, by_window: bool = True) -> None:
         self.scorer = scorer
         self.model_for = model_for
         self.signature = signature
@@ -39,6 +46,13 @@ class CachedFitness:
         self.batch_size = batch_size
         self.parent: list[int] | None = None
         self.threshold: float | None = None
+        # window by window (KL of causal LMs only): per-position KL memo and how it was used
+        self.by_window = by_window and scorer.metric == "kl" and scorer.causal
+        self.memo: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
+        self.memo_bytes = 0
+        self.windows = {"scored": 0, "reused": 0, "skipped": 0}
+        self._source: tuple[nn.Module, LogitsSource] | None = None
+        self._vocab: int | None = None
 
     def set_parent(self, state: list[int]) -> None:
         """The search's parent is now ``state``: its cached activations are the ones candidates resume from."""
@@ -57,6 +71,8 @@ class CachedFitness:
 
     def __call__(self, state: list[int], step: int, rows: list[int] | None = None) -> float:
         rows = rows if rows is not None else self.default_rows(step)
+        if self.by_window:
+            return self._by_window(state, rows)
         start = 0
         if self.cache is not None and self.parent is not None:
             start = self.cache.start_for(self.signature(state))
@@ -70,11 +86,74 @@ class CachedFitness:
             with self.cache.resume(model, start):
                 return self.scorer(model, rows)
 
+    # ------------------------------------------------------------------------------ window by window
+    def _by_window(self, state: list[int], rows: list[int]) -> float:
+        """The KL on ``rows`` as ``scorer`` computes it (same chunks, same order, same stop), each window scored
+        on its own when first needed: windows this state was scored on before come from the memo, windows after
+        a stop are never run."""
+        key = tuple(state)
+        todo = [r for r in dict.fromkeys(rows) if (key, r) not in self.memo]
+        start = 0
+        if todo and self.cache is not None and self.parent is not None:
+            start = self.cache.start_for(self.signature(state))
+            missing = self.cache.missing(todo, start) if start else []
+            if missing:  # the parent's forward stops at the boundary needed; deeper ones are filled on demand
+                with self.model_for(self.parent) as parent_model:
+                    self.cache.fill(parent_model, missing, self.batch_size, upto=start)
+        reference = self.scorer.reference
+        with contextlib.ExitStack() as stack:
+            opened: dict[str, Any] = {}
+            asked = [0]
+
+            def kl_of(i: int) -> torch.Tensor:
+                asked[0] += 1
+                row = rows[i]
+                value = self.memo.get((key, row))
+                if value is not None:
+                    self.windows["reused"] += 1
+                    return value
+                if not opened:  # the candidate's model, entered once and only if a window must run
+                    model = stack.enter_context(self.model_for(state))
+                    stack.enter_context(eval_no_grad(model))
+                    if self.cache is not None:
+                        stack.enter_context(self.cache.resume(model, start))
+                    opened.update(source=self._logits_source(model), device=model_device(model))
+                value, self._vocab = window_kl(opened["source"], reference, row, opened["device"])
+                self.windows["scored"] += 1
+                self._remember((key, row), value)
+                return value
+
+            value = mean_kl_of_windows(kl_of, len(rows), reference.input_ids.shape[1], self.scorer.batch_size,
+                                       lambda: self._vocab, self.threshold)
+            self.windows["skipped"] += len(rows) - asked[0]
+            return value
+
+    def _logits_source(self, model: nn.Module) -> LogitsSource:
+        """How logits are computed (backbone + head, or full logits), probed once per model object: the search
+        swaps sublayers or loads weights in place, which does not change that answer."""
+        if self._source is None or self._source[0] is not model:
+            probe = self.scorer.ids[:1, : min(16, self.scorer.ids.shape[1])].to(model_device(model))
+            self._source = (model, LogitsSource.of(model, probe))
+        return self._source[1]
+
+    def _remember(self, key: tuple[tuple[int, ...], int], value: torch.Tensor) -> None:
+        """Keep a window's per-position KL within ``MEMO_MIB``, dropping the oldest non-parent entries first."""
+        self.memo[key] = value
+        self.memo_bytes += value.numel() * value.element_size()
+        parent = tuple(self.parent) if self.parent is not None else None
+        while self.memo_bytes > self.MEMO_MIB * 2**20:
+            old = next((k for k in self.memo if k[0] != parent), None)
+            if old is None:
+                break
+            dropped = self.memo.pop(old)
+            self.memo_bytes -= dropped.numel() * dropped.element_size()
+
     def info(self) -> dict[str, Any]:
         """What the reuse did, for the search record."""
+        windows = {"window_scores": dict(self.windows)} if self.by_window else {}
         if self.cache is None:
-            return {"activation_cache": None}
-        return {"activation_cache": self.cache.stats.to_dict()}
+            return {"activation_cache": None, **windows}
+        return {"activation_cache": self.cache.stats.to_dict(), **windows}
 
 
 def score_step(fitness: Callable[..., float], candidates: list[list[int]], step: int, rows: list[int] | None,
