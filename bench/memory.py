@@ -119,7 +119,8 @@ def start_child(name: str, model_dir: Path, output: Path, args: argparse.Namespa
     if args.max_memory and RUNS[name]["max_memory"]:
         command += ["--max-memory", args.max_memory]
     log = open(output.parent / f"{name}.log", "w+")  # a file, not a pipe: runs side by side never block on output
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, **dict(item.split("=", 1) for item in args.env))
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     proc.started, proc.log = time.perf_counter(), log  # type: ignore[attr-defined]
     return proc
 
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="start the runs together (each child's peak is still its own; on a busy shared machine "
                              "this gets the runs more of the CPU)")
+    parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment of the compression runs, e.g. MALLOC_MMAP_THRESHOLD_=65536 (recorded)")
+    parser.add_argument("--tag", default="", help="suffix of the result rows' names (e.g. the --env variant)")
     parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--write", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -190,14 +194,14 @@ def main() -> None:
                            method=RUNS[name]["method"],
                            peak_fraction_of_fp32=round(row["peak_rss_bytes"] / model["fp32_bytes"], 3),
                            load_average=os.getloadavg(), threads=args.threads, machine=platform.machine(),
-                           concurrent_runs=len(group))
+                           concurrent_runs=len(group), env=args.env)
                 print(f"{name} ({args.layers} layers): peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB = "
                       f"{100 * row['peak_fraction_of_fp32']:.1f}% of fp32 size; compress {row['compress_seconds']} s",
                       flush=True)
                 with open(OUT / ".lock", "w") as lock:  # several invocations may finish at once
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-                    results["rows"][f"{name}/{args.layers}-layers"] = row
+                    results["rows"][f"{name}{args.tag}/{args.layers}-layers"] = row
                     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
                 shutil.rmtree(Path(tmp) / f"out-{name}", ignore_errors=True)
 
