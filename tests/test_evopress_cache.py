@@ -86,18 +86,23 @@ def test_sparsity_and_structure_searches_choose_the_same_with_the_cache(tmp_path
     from optimum_prune import Pruner
 
     fast = dict(generations=4, offspring=4, windows=[2, 4, 12], survivors=[2, 2], seed=0, recalibrate=False)
-    runs = {}
+    runs, models = {}, {}
     for mib in (0, 512):
         pruner = Pruner(FAMILIES["llama-gqa"].build())
         pruner.prune(method="evopress", target="sparsity", sparsity=0.5, calibration=CALIB, batch_size=4,
                      progress=False, evopress=dict(fast, cache_mib=mib, level_store=str(tmp_path / "store"),
                                                    levels=[0.3, 0.4, 0.5, 0.6, 0.7]))
         sparsity = pruner.pruning_config.search
+        weights = {k: v.clone() for k, v in pruner.model.state_dict().items()}
         pruner = Pruner(FAMILIES["llama-gqa"].build())
         pruner.prune(method="evopress", target="structure", target_speedup=1.5, calibration=CALIB, batch_size=4,
                      latency_table=proportional_table(pruner.model), progress=False, measure_speedup=False,
                      evopress=dict(fast, cache_mib=mib))
         runs[mib] = (sparsity, pruner.pruning_config.search)
+        models[mib] = weights
+    # the model is left with the chosen levels loaded even where the final fitness came from scored windows
+    assert models[0].keys() == models[512].keys()
+    assert all(torch.equal(models[0][k], models[512][k]) for k in models[0])
     for off, on in zip(runs[0], runs[512]):
         assert off["activation_cache"] is None and on["activation_cache"]["resumed"] > 0
         assert on["levels"] == off["levels"] and on["history"] == off["history"]

@@ -102,6 +102,9 @@ class CachedFitness:
                     self.cache.fill(parent_model, missing, self.batch_size, upto=start)
         reference = self.scorer.reference
         with contextlib.ExitStack() as stack:
+            # entered on every call, as the plain path does: a search may rely on the model being left in the
+            # scored state (a level store's ``loaded`` sets the weights); only the forwards are skipped
+            model = stack.enter_context(self.model_for(state))
             opened: dict[str, Any] = {}
             asked = [0]
 
@@ -112,8 +115,7 @@ class CachedFitness:
                 if value is not None:
                     self.windows["reused"] += 1
                     return value
-                if not opened:  # the candidate's model, entered once and only if a window must run
-                    model = stack.enter_context(self.model_for(state))
+                if not opened:  # eval mode and the resumed forward, once and only if a window must run
                     stack.enter_context(eval_no_grad(model))
                     if self.cache is not None:
                         stack.enter_context(self.cache.resume(model, start))
