@@ -21,9 +21,9 @@ def test_fast_preset_fills_the_defaults_and_explicit_settings_win():
     assert config.search_iterations == 12  # given
     assert config.search_samples == 2 and config.latency_mlp_levels == 8 and config.latency_repeats == 5
     assert config.probe_samples == 1 and config.speedup_rounds == 3 and config.database_steps == 128
-    assert config.latency == {"seq_len": 64, "batch_size": 2}
+    assert config.latency == {"seq_len": 128, "batch_size": 2}
     run = config.run_settings(RunConfig())
-    assert (run.num_samples, run.seq_len) == (16, 256)
+    assert (run.num_samples, run.seq_len) == (32, 256)
     assert config.run_settings(RunConfig(num_samples=64)).num_samples == 64
     assert ZipLMConfig.from_dict(config.to_dict()) == config  # recorded resolved: re-runs the same
     plain = ZipLMConfig(target_speedup=1.25)
@@ -64,7 +64,7 @@ def test_cli_fast_preset_prints_before_after_estimate_and_reload(tmp_path, capsy
     assert "AutoModelForCausalLM" in reload_line and str(out_dir) in reload_line
     recorded = json.loads((out_dir / "config.json").read_text())["pruning_config"]["recipe"][-1]
     assert recorded["preset"] == "fast" and recorded["search_samples"] == 2 and recorded["latency_mlp_levels"] == 8
-    assert recorded["run"]["num_samples"] == 16 and recorded["run"]["seq_len"] == 32  # --seq-len given: it wins
+    assert recorded["run"]["num_samples"] == 32 and recorded["run"]["seq_len"] == 32  # --seq-len given: it wins
     # the printed command reloads the checkpoint in a fresh interpreter
     command = shlex.split(reload_line[len("reload: "):])
     assert command[:2] == ["python", "-c"]

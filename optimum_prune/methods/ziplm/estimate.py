@@ -17,13 +17,16 @@ import torch
 from ...evaluation.models import max_positions
 from ...modeling.adapters import get_adapter
 
-# Costs relative to a plain forward of the same tokens, from runs of SmolLM2-135M on 2 CPU cores.
-HOOKED_PASS = 1.6
+# Costs relative to a plain forward of the same tokens, from runs of SmolLM2-135M on 2 CPU cores (refitted on the
+# quick start's phase times, fast preset, idle: table 14 s, level database 55 s, probes 48 s; bench/results/quickstart).
+HOOKED_PASS = 3.0
 """The database pass accumulates a Hessian per projection as it forwards the windows."""
 OBS_FLOP_RATE = 0.25
 """Greedy OBS updates (rank-one, memory-bound) run at about this fraction of the forward's FLOP rate."""
-STACK_OVERHEAD = 1.5
-"""Building the random-weight stack for each latency-table level."""
+STACK_OVERHEAD = 0.5
+"""Building the random-weight stack for each latency-table level (a stack of at most 16 blocks, timed per block)."""
+PROBE_PASS = 2.9
+"""A sensitivity probe: the refitted output projection swapped in, then the model run from the probed block on."""
 GGUF_WRITE_RATE = 30e6
 """engine="llama.cpp": bytes of GGUF written per second (exports and synthetic table files, random weights included)."""
 GGUF_READ_RATE = 2.5e9
@@ -102,7 +105,7 @@ def estimate_ziplm(model: Any, config: Any, options: Any, *, table_known: bool, 
         steps = min(F, config.database_steps)
         obs_flops = layers * 2 * steps * (F * F + d * F)
         database = samples * t_window * HOOKED_PASS + obs_flops / (flop_rate * OBS_FLOP_RATE)
-    probes = layers * config.probe_samples + config.probe_samples  # 2 per layer, each from its own block on
+    probes = (layers * config.probe_samples + config.probe_samples) * PROBE_PASS  # 2 per layer, from its block on
     scored = config.search_iterations * config.search_samples + 4 * config.search_samples
     search = (probes + targets * scored) * t_window
     measure = 0.0
