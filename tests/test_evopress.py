@@ -113,12 +113,23 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, m, rows)
 
+    import optimum_prune.methods.evopress.fitness as fitness  # the cached fitness scores window by window
+    window_kl = fitness.window_kl
+
+    def flaky_window(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return window_kl(*args, **kwargs)
+
     monkeypatch.setattr(method.CalibrationScorer, "__call__", flaky)
+    monkeypatch.setattr(fitness, "window_kl", flaky_window)
     with pytest.raises(KeyboardInterrupt):
         search_depth(model, CALIB, num_blocks=2, sublayers=True, settings=EvoPressSettings(**settings,
                                                                                             state_file=state_file),
                      progress=False)
     monkeypatch.setattr(method.CalibrationScorer, "__call__", original)
+    monkeypatch.setattr(fitness, "window_kl", window_kl)
     assert state_file.is_file()
     resumed = search_depth(model, CALIB, num_blocks=2, sublayers=True,
                            settings=EvoPressSettings(**settings, state_file=state_file), progress=False)
