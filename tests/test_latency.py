@@ -223,6 +223,67 @@ def test_bad_tables_are_refused():
         LatencyTable.from_dict({"model": "x"})
 
 
+# ------------------------------------------------------------------- logits on the last positions
+
+
+def test_logits_to_keep_defaults_to_every_position_and_keys_only_when_set():
+    env = InferenceEnvironment(seq_len=8, threads=1)
+    assert env.logits_to_keep == 0 and "logits_to_keep" not in env.key()  # tables cached before the field still match
+    old = {k: v for k, v in env.to_dict().items() if k != "logits_to_keep"}
+    assert InferenceEnvironment(**old) == env == InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=0)
+    last = InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=1)
+    assert last.key() == env.key() + ";logits_to_keep=1" and InferenceEnvironment(**last.to_dict()) == last
+    assert table_cache.latency_table_path(FAMILIES["llama-gqa"].build(), last) != \
+        table_cache.latency_table_path(FAMILIES["llama-gqa"].build(), env)
+    for kwargs, message in [(dict(logits_to_keep=-1), "must be 0"), (dict(logits_to_keep=True), "must be 0"),
+                            (dict(logits_to_keep=9), "exceeds seq_len=8"),
+                            (dict(logits_to_keep=1, mode="decode"), "applies to mode='prefill'")]:
+        with pytest.raises(ValueError, match=message):
+            InferenceEnvironment(seq_len=8, **kwargs)
+
+
+def _head_positions(model, env) -> list[int]:
+    """Positions the LM head saw in each call while ``model`` was timed in ``env``."""
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        speedup.measure_model_ms(model, env, repeats=2, warmup=1)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_prefill_with_logits_to_keep_runs_the_head_on_the_last_positions_only(llama):
+    assert _head_positions(llama, InferenceEnvironment(seq_len=8, threads=1)) == [8, 8, 8]
+    assert _head_positions(llama, InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=1)) == [1, 1, 1]
+    assert _head_positions(llama, InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=3)) == [3, 3, 3]
+    table = measure_latency_table(llama, InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=1), mlp_levels=2,
+                                  **FAST)
+    assert table.environment.logits_to_keep == 1 and table.environment_key.endswith(";logits_to_keep=1")
+    assert "logits on the last 1 position(s)" in table.to_text()
+
+
+def test_logits_to_keep_on_a_model_without_it_names_the_fix():
+    bert = FAMILIES["bert"].build()
+    with pytest.raises(ValueError, match="no logits_to_keep argument.*logits_to_keep=0"):
+        speedup.measure_model_ms(bert, InferenceEnvironment(seq_len=8, threads=1, logits_to_keep=1), repeats=1)
+
+
+def test_logits_to_keep_flags_come_from_the_environment_field(llama, tmp_path):
+    from optimum_prune.cli import build_parser
+    from optimum_prune.cli.commands import _configs
+    from optimum_prune.methods.ziplm.config import ZipLMConfig
+
+    args = build_parser().parse_args(["prune", "--output", "o", "--target-speedup", "1.5",
+                                      "--latency-logits-to-keep", "1"])
+    assert _configs("prune", args)[1] == ZipLMConfig(target_speedup=1.5, latency={"logits_to_keep": 1})
+    llama.save_pretrained(tmp_path / "m")
+    assert main(["latency", "--model", str(tmp_path / "m"), "--seq-len", "8", "--threads", "1", "--logits-to-keep",
+                 "1", "--mlp-levels", "2", "--repeats", "2", "--warmup", "1", "--cache-dir", str(tmp_path / "c"),
+                 "--output", str(tmp_path / "t.json"), "--no-progress"]) == 0
+    assert LatencyTable.load(tmp_path / "t.json").environment.logits_to_keep == 1
+
+
 # ------------------------------------------------------------------------------ save and cache
 
 

@@ -129,6 +129,9 @@ def add_latency_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="prefill", help="prefill (default) or decode (one token with a KV cache)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default: torch's count; "
                                                               "llama.cpp: half the CPUs)")
+    p.add_argument("--logits-to-keep", type=int, default=None,
+                   help="prefill: the LM head on the last N positions only (1: time to first token); 0: every "
+                        "position (torch's default); llama.cpp: 1 only")
     p.add_argument("--mlp-levels", type=int, default=None, help=f"FFN widths to time (default: {DEFAULT_MLP_LEVELS})")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per level (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per level")
@@ -149,7 +152,8 @@ def run_latency_cli(args: argparse.Namespace) -> int:
 
     try:
         env = InferenceEnvironment(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                   seq_len=args.seq_len, mode=args.mode, threads=args.threads, engine=args.engine)
+                                   seq_len=args.seq_len, mode=args.mode, threads=args.threads, engine=args.engine,
+                                   logits_to_keep=args.logits_to_keep)
         env.check_available()
         if env.llamacpp:  # the dense model is exported to GGUF and timed in llama.cpp
             model, _, _ = load_model(args.model, gguf_file=args.gguf_file, task=args.task, tokenizer=False)

@@ -81,6 +81,8 @@ def time_model(model: PreTrainedModel, env: InferenceEnvironment, ids: torch.Ten
         dense = _random_copy(model, env)
     if env.mode == "prefill":
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if env.logits_to_keep:  # the head on the last positions only (check_inputs: the forward takes it)
+            inputs["logits_to_keep"] = env.logits_to_keep
         return measure_latency(dense, inputs, repeats=timing["repeats"], warmup=timing["warmup"],
                                threads=env.threads).median_ms
     with eval_no_grad(dense):
@@ -103,6 +105,10 @@ def check_inputs(model: PreTrainedModel, env: InferenceEnvironment) -> None:
         extra = " plus the decoded token" if env.mode == "decode" else ""
         raise ValueError(f"seq_len {env.seq_len}{extra} exceeds the model's {limit} positions; use seq_len <= "
                          f"{limit - (needed - env.seq_len)}")
+    if getattr(env, "logits_to_keep", 0) and not env.llamacpp and not accepts(model, "logits_to_keep"):
+        raise ValueError(f"{type(model).__name__}.forward has no logits_to_keep argument, so its prefill cannot be "
+                         f"timed with the head on the last {env.logits_to_keep} position(s); use logits_to_keep=0 "
+                         "(every position) for this model")
     if env.mode == "decode" and not (is_causal_lm(model) or getattr(model.config, "is_decoder", False)):
         raise ValueError(f"{type(model).__name__} is not a causal decoder, so it has no KV cache to decode with; "
                          "encoders such as BERT support mode='prefill' only (load decoders with AutoModelForCausalLM "

@@ -42,6 +42,13 @@ class InferenceEnvironment:
     engine: str = "torch"
     """"torch" (transformers models timed in PyTorch) or "llama.cpp" (the models exported to GGUF, timed in
     llama.cpp through llama-cpp-python)."""
+    logits_to_keep: int | None = None
+    """prefill: the LM head runs on the last ``logits_to_keep`` positions only (transformers' ``logits_to_keep``;
+    ``generate()`` passes 1 at prefill, so 1 times the prefill of time to first token); 0: on every position.
+    None: the engine's default, torch 0 (every position, as before this field existed), llama.cpp 1 (its timing
+    asks for the last token's logits only, and no other value is supported there). A large-vocabulary head
+    (Gemma 3: 262k tokens) can be most of a full-logits prefill; a model whose forward lacks ``logits_to_keep``
+    cannot be timed with it (an error names the fix)."""
 
     def __post_init__(self) -> None:
         engine = _ENGINES.get(str(self.engine).strip().lower()) if isinstance(self.engine, str) else None
@@ -59,6 +66,28 @@ class InferenceEnvironment:
             raise ValueError(f"InferenceEnvironment.mode must be 'prefill' or 'decode', got {self.mode!r}")
         if self.threads is not None:
             _check_positive_int("threads", self.threads, "a CPU thread count, or None for the engine's default")
+        self._check_logits_to_keep()
+
+    def _check_logits_to_keep(self) -> None:
+        """None resolved to the engine's default; torch: 0 (every position) or 1..seq_len in prefill; llama.cpp: 1."""
+        keep = self.logits_to_keep
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError("InferenceEnvironment.logits_to_keep must be 0 (logits on every position), a positive "
+                             f"number of last positions (1: time to first token), or None, got {keep!r}")
+        if self.llamacpp:
+            if keep not in (None, 1):
+                raise ValueError("engine='llama.cpp' times prefill with the last token's logits only "
+                                 f"(logits_to_keep=1); logits_to_keep={keep!r} is not supported there")
+            object.__setattr__(self, "logits_to_keep", 1)
+            return
+        keep = 0 if keep is None else keep
+        if keep and self.mode != "prefill":
+            raise ValueError(f"logits_to_keep={keep} applies to mode='prefill'; a decode step computes one token's "
+                             "logits already (use logits_to_keep=0 or None)")
+        if keep > self.seq_len:
+            raise ValueError(f"logits_to_keep={keep} exceeds seq_len={self.seq_len}; use 1..{self.seq_len}, or 0 "
+                             "for every position")
+        object.__setattr__(self, "logits_to_keep", keep)
 
     def _check_llamacpp(self) -> None:
         """llama.cpp: a CPU environment in a GGUF type the export writes."""
@@ -164,7 +193,8 @@ class InferenceEnvironment:
     def key(self) -> str:
         """A stable string for cache lookups: engine version, device model and every measurement setting.
 
-        Torch keys are unchanged since before the engine field existed, so cached torch tables stay valid.
+        Torch keys are unchanged since before the engine field existed, so cached torch tables stay valid;
+        ``logits_to_keep`` enters the key only when it is not 0 (every position, the former only behaviour).
         """
         import torch
 
@@ -179,6 +209,8 @@ class InferenceEnvironment:
             parts.append(f"cuda={torch.version.cuda}")
         parts += [f"dtype={env.dtype}", f"batch={env.batch_size}", f"seq_len={env.seq_len}", f"mode={env.mode}",
                   f"threads={env.threads}"]
+        if env.logits_to_keep:  # absent for every position (0), so the keys of tables cached before stay valid
+            parts.append(f"logits_to_keep={env.logits_to_keep}")
         return ";".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -174,7 +174,9 @@ class LatencyTable:
         engine = "llama.cpp " if env.llamacpp else ""
         lines = [f"latency table for {self.model}",
                  f"environment: {engine}{env.device} {env.dtype}, {env.mode}, batch {env.batch_size} x {env.seq_len} "
-                 f"tokens, {env.threads} threads"]
+                 f"tokens, {env.threads} threads"
+                 + (f", logits on the last {env.logits_to_keep} position(s)" if env.logits_to_keep and not env.llamacpp
+                    else "")]
         if self.environment_key:
             lines.append(f"environment key: {self.environment_key}")
         groups, per_group = self.full_attention

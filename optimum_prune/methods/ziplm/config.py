@@ -21,6 +21,8 @@ ENVIRONMENT_HELP = {
     "mode": "prefill (one forward over seq_len tokens) or decode (one token after seq_len cached); default prefill",
     "threads": "CPU threads while timing (default: torch's current count; llama.cpp: half the CPUs)",
     "engine": "torch (default) or llama.cpp: time the GGUF exports in llama.cpp (tables, speedups)",
+    "logits_to_keep": "prefill: the LM head on the last N positions only (1: time to first token, as generate() "
+                      "and llama.cpp do); 0: every position (torch's default); llama.cpp: 1 only",
 }
 ENVIRONMENT_ALIASES = {"threads": ("--threads",)}
 
