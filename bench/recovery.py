@@ -356,8 +356,11 @@ def write_table(results: dict, out: Path) -> None:
         lines.append(head + f" {result['perplexity']:.2f} | {ratio:.3f} | {result['kl']:.4f} | "
                             f"{result['heal_seconds']:.0f} | {result['peak_rss_mib']:.0f} | "
                             f"{result.get('label') or ''} |")
-        if result["row"] != "dense":
-            points.setdefault(result["heal"], []).append((float(result["params"]) / 1e6, ratio))
+        if result["row"] != "dense":  # one line per heal setting: rows healed at another lr or budget apart
+            series = result["heal"] if not settings else (
+                f"{result['heal']} {settings['steps']}x{settings['batch_size']}x{settings['seq_len']} "
+                f"lr {settings['learning_rate']:g}")
+            points.setdefault(series, []).append((float(result["params"]) / 1e6, ratio))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     try:
         from optimum_prune.plotting import plot_tradeoff
