@@ -27,8 +27,9 @@ projection); the other neurons are split as below. Without it, a ``MixtralForCau
 Then, on the shared protocol (WikiText-2 test, first ``--eval-windows`` windows of 512 tokens): perplexity of the
 dense model and the MoE; REAP (``Pruner.prune(method="reap", experts_ratio=r)``, per layer) at r = 0.25 and 0.5
 against two baselines removing the same number of experts per layer: least often routed (frequency on the
-calibration windows) and random (seed 0). The REAP 50% model is saved, reloaded with the plain Auto class (logits
-compared) and generates. Results: bench/results/moe/results.{json,md}.
+calibration windows) and random (seed 0). Every model of the largest ratio (REAP and both baselines) is saved,
+reloaded with the plain Auto class (logits compared; optimum_prune is imported) and generates. Results:
+bench/results/moe/<name>.{json,md}; ``--resume`` keeps the rows already there and measures only the missing ones.
 """
 
 from __future__ import annotations
@@ -198,6 +199,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in <out>/<name>.json (same settings; the rebuilt experts must equal "
+                             "the recorded ones) and measure only the missing ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -222,9 +226,21 @@ def main() -> int:
         print(f"  perplexity {value:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
         return value
 
+    done: dict[str, dict] = {}
+    if args.resume and (out / f"{args.name}.json").exists():
+        previous = json.loads((out / f"{args.name}.json").read_text())
+        same = ("experts", "top_k", "shared", "calib_windows", "fit_tokens", "eval_windows", "seed")
+        changed = [k for k in same if previous["settings"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume: {out / args.name}.json was measured with other settings: {changed}")
+        done = previous["rows"]
+        print(f"--resume: rows kept from {args.name}.json: {', '.join(done)}", flush=True)
+
     inputs = capture_ffn_inputs(dense, windows, args.fit_tokens, args.seed)
     moe, groups = build_moe(dense, inputs, args.experts, args.top_k, args.seed, args.shared)
     del inputs
+    if done and previous["expert_neurons"] != groups:
+        raise SystemExit("--resume: the rebuilt MoE's experts differ from the recorded ones; rerun without --resume")
     seconds["build"] = round(time.perf_counter() - t0, 1)
     print(f"built {args.experts} experts top-{args.top_k} in {seconds['build']} s", flush=True)
 
@@ -245,48 +261,65 @@ def main() -> int:
 
     rows: dict[str, dict] = {}
     print("dense", flush=True)
-    rows["dense"] = {"perplexity": args.skip_dense or ppl(dense), "params": params(dense),
+    rows["dense"] = done["dense"] if "dense" in done else {"perplexity": args.skip_dense or ppl(dense), "params": params(dense),
                      "perplexity_from": "--skip-dense" if args.skip_dense else "measured",
                      "ffn_params_active_per_token": 3 * dense.config.hidden_size * dense.config.intermediate_size
                      * dense.config.num_hidden_layers}
     dense_width = dense.config.intermediate_size
     del dense
     print("moe", flush=True)
-    rows["moe"] = {"perplexity": ppl(moe), "params": params(moe), "experts_per_layer": args.experts,
+    rows["moe"] = {"perplexity": done["moe"]["perplexity"] if "moe" in done else ppl(moe), "params": params(moe), "experts_per_layer": args.experts,
                    "ffn_params_active_per_token": 3 * moe.config.hidden_size * moe.config.num_hidden_layers
                    * (args.shared + args.top_k * (dense_width - args.shared) // args.experts)}
     use = expert_use(moe, windows)
     rows["moe"]["routed_tokens_min_max_share"] = [round(min(float(c.min()) / float(c.sum()) for c in use), 4),
                                                  round(max(float(c.max()) / float(c.sum()) for c in use), 4)]
+    if "moe" in done:
+        assert rows["moe"]["routed_tokens_min_max_share"] == done["moe"]["routed_tokens_min_max_share"], \
+            (rows["moe"], done["moe"])
     write(out, args, moe, all_experts_diff, seconds, rows, groups)
 
     rng = random.Random(args.seed)
     for ratio in args.ratios:
         n_remove = round(args.experts * ratio)
         tag = f"{round(100 * ratio)}%"
-        start = time.perf_counter()
-        pruner = Pruner(copy.deepcopy(moe), tokenizer)
-        pruner.prune(method="reap", experts_ratio=ratio, calibration=windows, num_samples=windows.shape[0],
-                     seq_len=windows.shape[1], progress=False)
-        reap_seconds = round(time.perf_counter() - start, 1)
-        removed = pruner.pruning_config.remove_experts
-        print(f"REAP {tag} ({reap_seconds} s)", flush=True)
-        rows[f"reap {tag}"] = {"perplexity": ppl(pruner.model), "params": params(pruner.model),
-                               "seconds": reap_seconds, "removed": {str(k): list(v) for k, v in removed.items()}}
-        if ratio == max(args.ratios):
-            rows[f"reap {tag}"]["reload"] = reload_and_generate(pruner, tokenizer, windows)
-        del pruner
-        write(out, args, moe, all_experts_diff, seconds, rows, groups)
+        check_reload = ratio == max(args.ratios)  # every pruned model of the largest ratio is saved and reloaded
+        # drawn before any row is skipped, so a resumed run removes the same random experts as a full one
         baselines = {
             "frequency": {i: sorted(torch.argsort(c, stable=True)[:n_remove].tolist()) for i, c in enumerate(use)},
             "random": {i: sorted(rng.sample(range(args.experts), n_remove)) for i in range(len(use))},
         }
+        if f"reap {tag}" in done and (not check_reload or "reload" in done[f"reap {tag}"]):
+            rows[f"reap {tag}"] = done[f"reap {tag}"]
+        else:
+            start = time.perf_counter()
+            pruner = Pruner(copy.deepcopy(moe), tokenizer)
+            pruner.prune(method="reap", experts_ratio=ratio, calibration=windows, num_samples=windows.shape[0],
+                         seq_len=windows.shape[1], progress=False)
+            reap_seconds = round(time.perf_counter() - start, 1)
+            removed = pruner.pruning_config.remove_experts
+            print(f"REAP {tag} ({reap_seconds} s)", flush=True)
+            rows[f"reap {tag}"] = {"perplexity": ppl(pruner.model), "params": params(pruner.model),
+                                   "seconds": reap_seconds, "removed": {str(k): list(v) for k, v in removed.items()}}
+            if check_reload:
+                rows[f"reap {tag}"]["reload"] = reload_and_generate(pruner, tokenizer, windows)
+                print(f"  reload: {rows[f'reap {tag}']['reload']}", flush=True)
+            del pruner
+            write(out, args, moe, all_experts_diff, seconds, rows, groups)
         for name, remove in baselines.items():
+            key = f"{name} {tag}"
+            if key in done and (not check_reload or "reload" in done[key]):
+                assert done[key]["removed"] == {str(k): v for k, v in remove.items()}, key
+                rows[key] = done[key]
+                continue
             pruner = Pruner(copy.deepcopy(moe), tokenizer)
             pruner.apply(PruningConfig(remove_experts=remove))
             print(f"{name} {tag}", flush=True)
-            rows[f"{name} {tag}"] = {"perplexity": ppl(pruner.model), "params": params(pruner.model),
-                                     "removed": {str(k): v for k, v in remove.items()}}
+            rows[key] = {"perplexity": ppl(pruner.model), "params": params(pruner.model),
+                         "removed": {str(k): v for k, v in remove.items()}}
+            if check_reload:
+                rows[key]["reload"] = reload_and_generate(pruner, tokenizer, windows)
+                print(f"  reload: {rows[key]['reload']}", flush=True)
             del pruner
             write(out, args, moe, all_experts_diff, seconds, rows, groups)
 
@@ -324,7 +357,15 @@ def write(out: Path, args, moe, all_experts_diff: float, seconds: dict, rows: di
 
 
 def reload_and_generate(pruner, tokenizer, windows) -> dict:
-    """Save, reload with the plain Auto class: max logit difference, and both models' greedy continuations."""
+    """Save, reload with the plain Auto class: max logit difference, and both models' greedy continuations (a
+    failure is recorded as the row's ``reload.error``, so the perplexity already measured is kept)."""
+    try:
+        return _reload_and_generate(pruner, tokenizer, windows)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, not hidden
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _reload_and_generate(pruner, tokenizer, windows) -> dict:
     import transformers
 
     prompt = tokenizer(["The capital of France is"], return_tensors="pt")
