@@ -128,3 +128,24 @@ def test_cli_max_memory(tied, tmp_path, capsys):
     assert (sparse.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == 0.5
     assert main(["prune", *common, "--num-layers", "1", "--output", str(tmp_path / "chopped")]) == 2
     assert "whole model in memory" in capsys.readouterr().err
+
+
+def test_each_streamed_block_returns_the_free_heap(tied, monkeypatch):
+    """After each block goes back to disk the C heap's free pages are given back (glibc ``malloc_trim``), so what
+    earlier blocks freed is not resident again at the next block's peak (on the 0.95B bench: 2.30 GB -> 1.48 GB
+    at 16 layers); elsewhere the call is a no-op that says so."""
+    import ctypes.util
+    import platform
+
+    import optimum_prune.engine.streaming as streaming
+
+    libc = ctypes.util.find_library("c") or ""
+    if platform.system() == "Linux" and "musl" not in libc:
+        assert streaming.release_free_heap() is True
+    calls = []
+    real = streaming.release_free_heap
+    monkeypatch.setattr(streaming, "release_free_heap", lambda: calls.append(1) or real())
+    streamed = load_streamed(tied)
+    plan = CompressionPlan("sparsegpt", uniform(0.5, original_layer_indices(streamed)))
+    compress_model(streamed, _calibration(), plan, SequentialOptions(batch_size=2, progress=False))
+    assert len(calls) >= len(get_adapter(streamed).layers(streamed))

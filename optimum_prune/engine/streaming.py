@@ -6,11 +6,16 @@ loop asks the stream for each block before its turn (``load``: read from the sha
 directory once compressed) and hands it back after (``store``: a changed block is written to the work
 directory, then every tensor returns to meta). The embeddings are resident only while block 0's inputs are
 captured. ``save_streamed`` writes a sharded checkpoint block by block. Peak memory is one block, its
-Hessians and the calibration activations, whatever the depth.
+Hessians and the calibration activations, whatever the depth: after each block is handed back, the C heap's
+free pages are returned to the system (``release_free_heap``), otherwise glibc keeps the solver's freed
+buffers resident and the peak grows with depth (2.30 GB at 16 layers against 1.36 GB at 2 for SparseGPT).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import shutil
@@ -151,6 +156,7 @@ class BlockStream:
             del state
         for name in names:
             set_module_tensor_to_device(module, name, "meta")
+        release_free_heap()
 
     def _names(self, module: nn.Module, prefix: str, resident: bool = False) -> list[str]:
         """Names (relative to ``module``) of its parameters and buffers the checkpoint holds."""
@@ -160,6 +166,33 @@ class BlockStream:
             if (key in self.files or key in self.written) and (not resident or tensor.device.type != "meta"):
                 out.append(name)
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None on other C libraries: musl, macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``); False where there is no such call.
+
+    glibc raises its mmap threshold after each large buffer is freed (up to 32 MB), so the solver's later
+    Hessians and temporaries come from the heap, and the pages they leave free in its middle stay resident
+    (only the heap's top is ever trimmed on free). A streamed compression calls this each time a block goes
+    back to disk, so what the previous blocks left free is not counted again. No process setting changes.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
