@@ -44,6 +44,42 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
+def uniform_candidates(database, table, targets: list[float],
+                       fractions: list[float] | None = None) -> tuple[list, list[tuple[float, float, list[int]]]]:
+    """Uniform structured pruning from a ZipLM level database: the same fraction of heads and FFN neurons removed in
+    every layer (fractions 1/40 .. 35/40), at the levels whose predicted speedup is just below and just above each
+    target (or exactly the given ``fractions``). Returns the database's items and (predicted speedup, fraction,
+    picked level per item), by speedup;
+    ``Stitcher(model, database).build(items, picked)`` makes the model, with the same OBS-corrected weights as ZipLM."""
+    from optimum_prune.engine.structure.search import items_from, predicted_ms
+
+    items = items_from(database, table)
+    dims = database.dims
+    candidates = []
+    for fraction in fractions or [i / 40 for i in range(1, 36)]:
+        picked = []
+        for item in items:
+            if item.kind == "attention":
+                want = (1 - fraction) * dims.num_heads
+                keys = [k for k in item.keys if k != (0, 0)]
+                best = min(keys, key=lambda k: (abs(k[0] * k[1] - want), -k[0]))
+            else:
+                want = (1 - fraction) * dims.intermediate_size
+                best = min((k for k in item.keys if k), key=lambda k: abs(k - want))
+            picked.append(item.keys.index(best))
+        candidates.append((table.dense_ms / predicted_ms(items, picked, table), fraction, picked))
+    if fractions:
+        return items, sorted(candidates)
+    chosen: dict[float, tuple] = {}
+    for target in targets:  # the candidates just below and just above each target
+        below = max((c for c in candidates if c[0] <= target), default=None, key=lambda c: c[0])
+        above = min((c for c in candidates if c[0] >= target), default=None, key=lambda c: c[0])
+        for c in (below, above):
+            if c is not None:
+                chosen[c[1]] = c
+    return items, sorted(chosen.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.25, 1.5, 2.0])
@@ -63,7 +99,7 @@ def main() -> int:
     from optimum_prune.modeling.surgery import apply_structure
     from optimum_prune.plotting import plot_tradeoff
     from optimum_prune.evaluation.latency_table import InferenceEnvironment, get_latency_table, measure_model_ms, measure_speedup
-    from optimum_prune.engine.structure.search import Stitcher, items_from, predicted_ms
+    from optimum_prune.engine.structure.search import Stitcher
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -110,31 +146,10 @@ def main() -> int:
 
     # ---- uniform structured pruning: same fraction everywhere, same database and OBS weights
     database = pruner.ziplm_database
-    items = items_from(database, table)
     stitcher = Stitcher(model, database)
-    dims = database.dims
-    candidates = []
-    for fraction in [i / 40 for i in range(1, 36)]:
-        picked = []
-        for item in items:
-            if item.kind == "attention":
-                want = (1 - fraction) * dims.num_heads
-                keys = [k for k in item.keys if k != (0, 0)]
-                best = min(keys, key=lambda k: (abs(k[0] * k[1] - want), -k[0]))
-            else:
-                want = (1 - fraction) * dims.intermediate_size
-                best = min((k for k in item.keys if k), key=lambda k: abs(k - want))
-            picked.append(item.keys.index(best))
-        candidates.append((table.dense_ms / predicted_ms(items, picked, table), fraction, picked))
-    chosen: dict[float, tuple] = {}
-    for target in args.targets:  # the candidates just below and just above each target
-        below = max((c for c in candidates if c[0] <= target), default=None, key=lambda c: c[0])
-        above = min((c for c in candidates if c[0] >= target), default=None, key=lambda c: c[0])
-        for c in (below, above):
-            if c is not None:
-                chosen[c[1]] = c
+    items, chosen = uniform_candidates(database, table, args.targets)
     rows["uniform"] = []
-    for predicted, fraction, picked in sorted(chosen.values()):
+    for predicted, fraction, picked in chosen:
         pruned = stitcher.build(items, picked)
         row = {"fraction_removed": fraction, "predicted_speedup": predicted,
                "measured_speedup": measure_speedup(model, pruned, env).speedup,
