@@ -7,6 +7,10 @@ sublayers with the same fitness history.
 
     OMP_NUM_THREADS=1 python bench/evopress_speed.py --threads 1                 # 2 rounds x 4 generations
     OMP_NUM_THREADS=1 python bench/evopress_speed.py --threads 1 --rounds 1 --generations 3
+    # one path per invocation (each under a time limit), paired afterwards: same settings and seed
+    OMP_NUM_THREADS=1 python bench/evopress_speed.py --threads 1 --rounds 1 --generations 6 --paths plain --out D
+    OMP_NUM_THREADS=1 python bench/evopress_speed.py --threads 1 --rounds 1 --generations 6 --paths cached --out D \
+        --pair-with D/results.json
 
 Settings as bench/depth.py's EvoPress row: 6 blocks' worth of attention and MLP sublayers, 8 offspring,
 selection on 1 / 2 / 8 windows with 2 / 1 survivors, 32 calibration windows of 512 tokens (the start of
@@ -48,8 +52,11 @@ def timed_evolve(model, scorer, initial: list[int], settings, pool: int) -> tupl
     marks = [time.perf_counter()]
     real_save = search._save_state
 
+    parents = []
+
     def save(path, state):
         marks.append(time.perf_counter())
+        parents.append(list(state["parent"]))
         real_save(path, state)
 
     search._save_state = save
@@ -59,7 +66,7 @@ def timed_evolve(model, scorer, initial: list[int], settings, pool: int) -> tupl
     finally:
         search._save_state = real_save
     info = fitness.info() if hasattr(fitness, "info") else {"activation_cache": None}
-    return result, [b - a for a, b in zip(marks, marks[1:])], info
+    return result, [b - a for a, b in zip(marks, marks[1:])], {"parents": parents, **info}
 
 
 def main() -> int:
@@ -75,6 +82,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--paths", nargs="+", choices=["plain", "cached"], default=["plain", "cached"],
+                        help="run only these paths (the other can come from --pair-with)")
+    parser.add_argument("--pair-with", default=None,
+                        help="a results.json of this bench with the other path's rounds (same settings and seed)")
     args = parser.parse_args()
 
     from optimum_prune.evaluation.scorer import CalibrationScorer
@@ -94,10 +105,19 @@ def main() -> int:
     seed_blocks = influence["block_influence"]["drop_layers"][: args.blocks]  # where the depth run started
     half = [1 if p in seed_blocks else 0 for p in range(model.config.num_hidden_layers)]
     rows = []
+    earlier = json.loads(Path(args.pair_with).read_text()) if args.pair_with else None
+    if earlier is not None:
+        mine = {k: v for k, v in vars(args).items() if k not in ("out", "paths", "pair_with")}
+        theirs = {k: v for k, v in earlier["settings"].items() if k not in ("out", "paths", "pair_with")}
+        if mine != theirs:
+            raise SystemExit(f"--pair-with {args.pair_with} ran other settings: {theirs} vs {mine}")
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            pair = {}
+            pair = {} if earlier is None else {k: v for k, v in earlier["rounds"][round_].items()
+                                               if k in ("plain", "cached") and k not in args.paths}
             for name, mib in (("plain", 0), ("cached", args.cache_mib)):
+                if name not in args.paths:
+                    continue
                 state_file = Path(tmp) / f"{round_}-{name}.json"
                 settings = EvoPressSettings(generations=args.generations, offspring=args.offspring,
                                             windows=args.selection_windows, survivors=args.survivors,
@@ -105,34 +125,55 @@ def main() -> int:
                                             ).resolved(1, 1, windows.shape[0])
                 result, seconds, info = timed_evolve(model, scorer, half + half, settings, windows.shape[0])
                 pair[name] = {"seconds_per_generation": [round(x, 2) for x in seconds],
-                              "mean": statistics.mean(seconds[1:]), "first_generation_with_start_s": round(seconds[0], 2),
+                              "mean": statistics.mean(seconds[1:]),
+                              "first_generation_with_start_s": round(seconds[0], 2),
                               "parent": result.state, "history": result.history, "fitness": result.fitness,
                               **info}
                 print(f"round {round_} {name}: {pair[name]['mean']:.1f} s/generation "
                       f"({', '.join(f'{x:.1f}' for x in seconds[1:])}; generation 1 with the start's scoring "
                       f"{seconds[0]:.1f} s)",
                       flush=True)
-            same = all(pair["plain"][k] == pair["cached"][k] for k in ("parent", "history", "fitness"))
-            pair["identical_choices"] = same
-            pair["speedup"] = pair["plain"]["mean"] / pair["cached"]["mean"]
+            if "plain" in pair and "cached" in pair:
+                plain, cached = pair["plain"], pair["cached"]
+                pair["identical_choices"] = plain["parent"] == cached["parent"] and all(
+                    p == c for p, c in zip(plain["parents"], cached["parents"]))
+                pair["identical_history"] = all(plain[k] == cached[k] for k in ("history", "fitness"))
+                pair["max_history_rel_diff"] = max(abs(p - c) / abs(p) for p, c in zip(plain["history"],
+                                                                                       cached["history"]))
+                pair["speedup"] = plain["mean"] / cached["mean"]
+                pair["speedup_after_two"] = statistics.mean(plain["seconds_per_generation"][2:]) / statistics.mean(
+                    cached["seconds_per_generation"][2:]) if len(plain["seconds_per_generation"]) > 2 else None
+                print(f"round {round_}: {pair['speedup']:.2f}x, same parent every generation: "
+                      f"{pair['identical_choices']}, history bit-identical: {pair['identical_history']} "
+                      f"(max rel. diff {pair['max_history_rel_diff']:.1e})", flush=True)
             rows.append(pair)
-            print(f"round {round_}: {pair['speedup']:.2f}x, identical parents and history: {same}", flush=True)
             (out / "results.partial.json").write_text(json.dumps(rows, indent=2))
+    both = all("plain" in r and "cached" in r for r in rows)
     summary = {
         "command": "python bench/evopress_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, list)
                                                                 else f"--{k.replace('_', '-')} " + " ".join(map(str, v))
                                                                 for k, v in vars(args).items() if k != "out"),
         "settings": vars(args), "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__,
                                             "platform": platform.platform()},
-        "plain_s_per_generation": statistics.mean(r["plain"]["mean"] for r in rows),
-        "cached_s_per_generation": statistics.mean(r["cached"]["mean"] for r in rows),
-        "speedup_per_round": [round(r["speedup"], 3) for r in rows],
-        "identical_choices": all(r["identical_choices"] for r in rows), "rounds": rows,
+        "paired_with": args.pair_with, "uptime": _uptime(),
+        **({"plain_s_per_generation": statistics.mean(r["plain"]["mean"] for r in rows),
+            "cached_s_per_generation": statistics.mean(r["cached"]["mean"] for r in rows),
+            "speedup_per_round": [round(r["speedup"], 3) for r in rows],
+            "identical_choices": all(r["identical_choices"] for r in rows)} if both else {}),
+        "rounds": rows,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"plain {summary['plain_s_per_generation']:.1f} s/gen, cached {summary['cached_s_per_generation']:.1f} "
-          f"s/gen, speedups {summary['speedup_per_round']}, identical: {summary['identical_choices']}")
+    if both:
+        print(f"plain {summary['plain_s_per_generation']:.1f} s/gen, cached {summary['cached_s_per_generation']:.1f} "
+              f"s/gen, speedups {summary['speedup_per_round']}, identical: {summary['identical_choices']}")
     return 0
+
+
+def _uptime() -> str | None:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

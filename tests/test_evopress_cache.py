@@ -155,3 +155,37 @@ def test_fast_path_reuses_scored_windows(monkeypatch, tmp_path):
     assert on_parents == off_parents and on.info["fitness"] == off.info["fitness"]
     assert (on.drop_attention, on.drop_mlp) == (off.drop_attention, off.drop_mlp)
     assert "window_scores" not in off.info
+
+
+@pytest.mark.parametrize("top_k", [5, None])
+def test_lazy_window_and_reused_buffers_give_the_same_kl(monkeypatch, request, top_k):
+    """A window read lazily (the head of a chunk runs only when one of its positions is read) and scored in reused
+    logits / log-probs buffers gives window_kl's numbers bit for bit; a stop inside the window leaves the head of
+    its later chunks uncomputed, with the same stopped mean."""
+    import optimum_prune.evaluation.models as models
+    from optimum_prune.evaluation.kl import KLWorkspace, WindowKL, mean_kl_of_windows, reference_logprobs, window_kl
+    from optimum_prune.evaluation.models import LogitsSource
+
+    monkeypatch.setattr(models, "CHUNK_ELEMENTS", VOCAB * 13)  # 13-position chunks: 3 per 32-token window
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
+    dense = FAMILIES["llama-gqa"].build().eval()
+    reference = reference_logprobs(dense, CALIB, top_k, batch_size=3, progress=False)
+    cpu = torch.device("cpu")
+    with dropped_sublayers(dense, {1}, {2}) as model, torch.no_grad():
+        source = LogitsSource.probing(model, CALIB, cpu)
+        workspace = KLWorkspace()
+        for row in (0, 7, 11):
+            want = window_kl(source, reference, row, cpu)[0]
+            lazy, vocab = window_kl(source, reference, row, cpu, lazy=True, workspace=workspace)
+            assert isinstance(lazy, WindowKL) and vocab == VOCAB and lazy.done == 0
+            assert torch.equal(lazy[2:9], want[2:9]) and lazy.done == 13 and not lazy.complete
+            assert torch.equal(lazy.values(), want) and lazy.complete
+        assert workspace.trusted is (True if top_k else None)  # Top-K: buffers used (checked once); full: not needed
+        full = window_kl(source, reference, 4, cpu)[0]
+        threshold = 0.2 * full.double().mean().item()  # reached inside the first chunks of the window
+        expect = mean_kl_of_windows(lambda i: full, 1, CALIB.shape[1], 1, lambda: VOCAB, stop_above=threshold)
+        lazy = WindowKL(source, reference, 4, cpu, workspace)
+        got = mean_kl_of_windows(lambda i: lazy, 1, CALIB.shape[1], 1, lambda: VOCAB, stop_above=threshold)
+        assert got == expect and threshold <= got < full.double().mean().item()
+        assert 0 < lazy.done < CALIB.shape[1]  # the head of the last chunk never ran

@@ -111,12 +111,7 @@ def _kl_rows(logq: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor | None = 
     if idx is None:
         p = logp.exp()
         return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-    q_top = logq.gather(-1, idx)
-    q_rest = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)
-    p = logp.exp()
-    kl = torch.where(p > 0, p * (logp - q_top), torch.zeros_like(p)).sum(-1)
-    p_rest = rest.exp()
-    return kl + torch.where(p_rest > 0, p_rest * (rest - q_rest), torch.zeros_like(p_rest))
+    return _kl_from(logq.gather(-1, idx), logq.scatter(-1, idx, float("-inf")).logsumexp(-1), logp, rest)
 
 
 def _check_vocab(model_vocab: int, ref_vocab: int) -> None:
@@ -234,38 +229,145 @@ def _cached_rows(cached: ReferenceLogprobs, device: torch.device) -> Callable[[s
 # ------------------------------------------------------------------------- one window at a time (searches)
 
 
-def window_kl(source: LogitsSource, cached: ReferenceLogprobs, row: int,
-              device: torch.device) -> tuple[torch.Tensor, int]:
+class KLWorkspace:
+    """Buffers reused by ``WindowKL`` for a chunk's fp32 logits and log-probs (two of at most ``CHUNK_ELEMENTS``
+    numbers: 128 MiB), so that scoring many windows does not allocate them afresh: on CPU a fresh buffer of that
+    size comes from mmap and every page of it is faulted in and zeroed by the kernel (SmolLM2: 98k minor faults,
+    0.4 GB, per 512-token window). The Top-K "rest" mass is also computed in place in the log-probs buffer.
+
+    The numbers are the allocating path's (``_kl_rows`` of ``LogitsSource.logprobs``) bit for bit: the first chunk
+    is computed both ways and the workspace is used only if they are equal (else every chunk falls back).
+    """
+
+    def __init__(self) -> None:
+        self._logits: torch.Tensor | None = None
+        self._logq: torch.Tensor | None = None
+        self.trusted: bool | None = None  # None until the first chunk has been compared
+
+    def _buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None or buf.numel() < rows * cols or buf.device != like.device:
+            buf = torch.empty(rows * cols, dtype=torch.float32, device=like.device)
+            setattr(self, name, buf)
+        return buf[: rows * cols].view(rows, cols)
+
+    def kl_rows(self, source: LogitsSource, states: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor | None,
+                rest: torch.Tensor | None) -> torch.Tensor:
+        """``_kl_rows(source.logprobs(states), logp, idx, rest)``, without fresh vocabulary-sized buffers."""
+        if self.trusted is False or idx is None or not self._fits(source, states):
+            return _kl_rows(source.logprobs(states), logp, idx, rest)
+        rows, vocab = states.shape[0], source.vocab_size(states)
+        if source.head is not None:
+            logits = torch.mm(states, source.head.weight.t(), out=self._buffer("_logits", rows, vocab, states))
+        else:
+            logits = states
+        logq = torch.log_softmax(logits, dim=-1, out=self._buffer("_logq", rows, vocab, states))
+        q_top = logq.gather(-1, idx)
+        q_rest = _logsumexp_in_place(logq.scatter_(-1, idx, float("-inf")))
+        got = _kl_from(q_top, q_rest, logp, rest)
+        if self.trusted is None:
+            self.trusted = torch.equal(got, _kl_rows(source.logprobs(states), logp, idx, rest))
+            if not self.trusted:
+                logger.debug("reused logits buffers do not reproduce the allocating KL here; not using them")
+                return _kl_rows(source.logprobs(states), logp, idx, rest)
+        return got
+
+    @staticmethod
+    def _fits(source: LogitsSource, states: torch.Tensor) -> bool:
+        """fp32 states, and a bias-free fp32 head (or full fp32 logits): what ``torch.mm`` / ``log_softmax`` with
+        ``out=`` compute exactly as ``head(states).float()`` and ``log_softmax`` do."""
+        if states.dtype != torch.float32:
+            return False
+        head = source.head
+        return head is None or (head.bias is None and head.weight.dtype == torch.float32)
+
+
+def _logsumexp_in_place(x: torch.Tensor) -> torch.Tensor:
+    """``x.logsumexp(-1)`` computed as ATen does (max, masked infinities, sum of exp, log, add), overwriting ``x``."""
+    maxes = torch.amax(x, -1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+    return torch.sum(x.sub_(maxes).exp_(), -1).log_().add_(maxes.squeeze(-1))
+
+
+def _kl_from(q_top: torch.Tensor, q_rest: torch.Tensor, logp: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """The Top-K KL of ``_kl_rows`` from the model's top-k log-probs and rest mass."""
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - q_top), torch.zeros_like(p)).sum(-1)
+    p_rest = rest.exp()
+    return kl + torch.where(p_rest > 0, p_rest * (rest - q_rest), torch.zeros_like(p_rest))
+
+
+class WindowKL:
+    """Per-position KL (fp32, [seq_len]) of the model behind ``source`` to ``cached`` on its window ``row``, computed
+    as positions are read (``[lo:hi]``): the backbone runs at construction, the vocabulary head and KL of a chunk of
+    ``chunk_rows`` positions (from the window's start) only when one of its positions is first read. A search that
+    stops inside a window (``mean_kl_of_windows``) so never computes the head of the rest. Every chunk is the one
+    ``window_kl`` computes, so the numbers do not depend on how the window is read."""
+
+    def __init__(self, source: LogitsSource, cached: ReferenceLogprobs, row: int, device: torch.device,
+                 workspace: KLWorkspace | None = None) -> None:
+        self.source, self.cached, self.row, self.device, self.workspace = source, cached, row, device, workspace
+        self.length = cached.input_ids.shape[1]
+        self._states: torch.Tensor | None = source.states(cached.input_ids[row:row + 1].to(device))
+        self.vocab = source.vocab_size(self._states)
+        if cached.indices is None:
+            _check_vocab(self.vocab, cached.logprobs.shape[-1])
+        self.step = chunk_rows(self.vocab)
+        self._kl = torch.empty(self.length, dtype=torch.float32)
+        self.done = 0  # positions computed so far
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.length
+
+    def _advance(self) -> None:
+        sel = slice(self.done, self.done + self.step)
+        cached, row, device = self.cached, self.row, self.device
+        rest = None if cached.rest_logprob is None else cached.rest_logprob[row, sel].to(device)
+        idx = None if cached.indices is None else cached.indices[row, sel].to(device)
+        logp = cached.logprobs[row, sel].to(device)
+        if self.workspace is not None:
+            kl = self.workspace.kl_rows(self.source, self._states[sel], logp, idx, rest)
+        else:
+            kl = _kl_rows(self.source.logprobs(self._states[sel]), logp, idx, rest)
+        self._kl[sel] = kl.float().cpu()
+        self.done = min(self.length, self.done + self.step)
+        if self.complete:
+            self._states = None
+
+    def __getitem__(self, sel: slice) -> torch.Tensor:
+        start, stop, _ = sel.indices(self.length)
+        while self.done < stop:
+            self._advance()
+        return self._kl[start:stop]
+
+    def values(self) -> torch.Tensor:
+        """All positions' KL."""
+        return self[0:self.length]
+
+
+def window_kl(source: LogitsSource, cached: ReferenceLogprobs, row: int, device: torch.device, *,
+              lazy: bool = False, workspace: KLWorkspace | None = None) -> tuple[torch.Tensor | WindowKL, int]:
     """Per-position KL (fp32, [seq_len]) of the model behind ``source`` to ``cached`` on its window ``row``, and
-    the model's vocabulary size.
+    the model's vocabulary size; with ``lazy`` a ``WindowKL`` that computes positions as they are read.
 
     The same per-position numbers as ``kl_to_reference`` computes for that window in any batch (each position's
     log-probs and KL depend on its own row only); run it under ``eval_no_grad``. With ``mean_kl_of_windows`` a
-    search scores window by window, reuses windows it scored before and stops between windows.
+    search scores window by window, reuses windows it scored before and stops between windows (or, lazily,
+    between chunks of a window).
     """
-    length = cached.input_ids.shape[1]
-    states = source.states(cached.input_ids[row:row + 1].to(device))
-    vocab = source.vocab_size(states)
-    if cached.indices is None:
-        _check_vocab(vocab, cached.logprobs.shape[-1])
-    step = chunk_rows(vocab)
-    out = []
-    for start in range(0, length, step):
-        sel = slice(start, start + step)
-        logq = source.logprobs(states[sel])
-        rest = None if cached.rest_logprob is None else cached.rest_logprob[row, sel].to(device)
-        idx = None if cached.indices is None else cached.indices[row, sel].to(device)
-        out.append(_kl_rows(logq, cached.logprobs[row, sel].to(device), idx, rest))
-    return torch.cat(out).float().cpu(), vocab
+    window = WindowKL(source, cached, row, device, workspace)
+    return (window if lazy else window.values()), window.vocab
 
 
-def mean_kl_of_windows(kl_of: Callable[[int], torch.Tensor], windows: int, length: int, batch_size: int,
+def mean_kl_of_windows(kl_of: Callable[[int], torch.Tensor | WindowKL], windows: int, length: int, batch_size: int,
                        vocab: Callable[[], int], stop_above: float | None = None) -> float:
     """``kl_to_reference``'s mean over ``windows`` windows, from per-window per-position KL (``kl_of(i)`` for the
-    i-th window, asked for lazily, in order): the same chunks (``batch_size`` windows flattened, ``chunk_rows``
-    positions each), summed in the same order in fp64 and stopped at the same chunk with ``stop_above``, so the
-    result equals ``kl_to_reference(..., stop_above=...)`` on those windows bit for bit when the per-position
-    values are equal. A window after the stop is never asked for. ``vocab()`` is read after the first window."""
+    i-th window, asked for lazily, in order; a tensor or a ``WindowKL``, read by position slices): the same chunks
+    (``batch_size`` windows flattened, ``chunk_rows`` positions each), summed in the same order in fp64 and stopped
+    at the same chunk with ``stop_above``, so the result equals ``kl_to_reference(..., stop_above=...)`` on those
+    windows bit for bit when the per-position values are equal. A window after the stop is never asked for.
+    ``vocab()`` is read after the first window."""
     positions = windows * length
     total, count, step = 0.0, 0, None
     for begin in range(0, windows, batch_size):

@@ -1,7 +1,8 @@
 """EvoPress fitness with exact savings: a candidate starts from its parent's cached activations at its first
 changed block, an evaluation that can no longer be selected stops early, identical candidates are scored once.
 KL fitness (causal LMs) is computed window by window: a (state, window) scored once is never scored again (the
-parent, re-scored at every last selection step, mostly costs nothing), and a stop skips the windows after it.
+parent, re-scored at every last selection step, mostly costs nothing), and a stop skips the windows after it and
+the vocabulary head of the rest of its own window; the head's logits and log-probs reuse two buffers.
 
 Every saving leaves the scores the search compares, and so its trajectory, as they were (tested against the
 plain fitness): the skipped blocks would have computed what the parent computed, and a stopped evaluation
@@ -17,7 +18,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from ...evaluation.kl import mean_kl_of_windows, window_kl
+from ...evaluation.kl import KLWorkspace, WindowKL, mean_kl_of_windows, window_kl
 from ...evaluation.models import LogitsSource, eval_no_grad, model_device
 from ...evaluation.prefix_cache import PrefixCache
 from ...evaluation.scorer import CalibrationScorer
@@ -50,7 +51,8 @@ class CachedFitness:
         self.by_window = by_window and scorer.metric == "kl" and scorer.causal
         self.memo: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
         self.memo_bytes = 0
-        self.windows = {"scored": 0, "reused": 0, "skipped": 0}
+        self.windows = {"scored": 0, "reused": 0, "skipped": 0, "stopped_inside": 0}
+        self.workspace = KLWorkspace()  # the head's logits / log-probs chunk buffers (128 MiB), kept for the search
         self._source: tuple[nn.Module, LogitsSource] | None = None
         self._vocab: int | None = None
 
@@ -107,11 +109,12 @@ class CachedFitness:
             model = stack.enter_context(self.model_for(state))
             opened: dict[str, Any] = {}
             asked = [0]
+            running: dict[int, WindowKL] = {}
 
-            def kl_of(i: int) -> torch.Tensor:
+            def kl_of(i: int) -> torch.Tensor | WindowKL:
                 asked[0] += 1
                 row = rows[i]
-                value = self.memo.get((key, row))
+                value = self.memo.get((key, row), running.get(row))
                 if value is not None:
                     self.windows["reused"] += 1
                     return value
@@ -120,14 +123,20 @@ class CachedFitness:
                     if self.cache is not None:
                         stack.enter_context(self.cache.resume(model, start))
                     opened.update(source=self._logits_source(model), device=model_device(model))
-                value, self._vocab = window_kl(opened["source"], reference, row, opened["device"])
+                window, self._vocab = window_kl(opened["source"], reference, row, opened["device"], lazy=True,
+                                                workspace=self.workspace)
                 self.windows["scored"] += 1
-                self._remember((key, row), value)
-                return value
+                running[row] = window
+                return window  # its head runs chunk by chunk as the mean reads it
 
             value = mean_kl_of_windows(kl_of, len(rows), reference.input_ids.shape[1], self.scorer.batch_size,
                                        lambda: self._vocab, self.threshold)
             self.windows["skipped"] += len(rows) - asked[0]
+            for row, window in running.items():  # only whole windows are remembered
+                if window.complete:
+                    self._remember((key, row), window.values())
+                else:
+                    self.windows["stopped_inside"] += 1
             return value
 
     def _logits_source(self, model: nn.Module) -> LogitsSource:
