@@ -26,6 +26,9 @@ already there with the same settings is not run again (``--force`` re-runs); row
 earlier (ZipLM's latency table and speedup checks want a quiet machine, healing does not):
 
     python bench/recovery.py --rows ziplm-1.5 ziplm-2.0 --checkpoint ziplm-1.5=out/1.5x ziplm-2.0=out/2x ...
+
+A checkpoint row may take any name, so models pruned with other settings stay other rows next to the same
+control (e.g. ``--rows ziplm-1.5-default --checkpoint ziplm-1.5-default=out/1.5x``).
 """
 
 from __future__ import annotations
