@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 from transformers.utils import logging
 
+from .gguf_reading import read_gguf_string, shared_gguf_parsing
 from .modeling.adapters import base_model_type, get_adapter
 from .modeling.integrity import check_config, check_weights_before_loading
 from .modeling.pruning_config import PruningConfigError
@@ -90,12 +92,11 @@ def gguf_loadable_model_types() -> tuple[str, ...]:
 def check_gguf_architecture(path: str) -> str:
     """The model_type of the GGUF file at ``path``, from its metadata alone; refuses an unsupported architecture.
 
-    ``gguf.GGUFReader`` memory-maps the file and parses only the header (keys and tensor descriptions), so a file
-    optimum-prune or transformers cannot load fails in well under a second, before transformers reads the
-    tokenizer, builds the model or dequantizes a single tensor.
+    Only the header is read, up to that key (``read_gguf_string``), so a file optimum-prune or transformers cannot
+    load fails in milliseconds, before transformers parses the file, reads the tokenizer or dequantizes a tensor.
     """
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401  (transformers dequantizes with it)
     except ImportError as err:
         raise ImportError('loading GGUF files needs the gguf package: pip install "optimum-prune[gguf]"') from err
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -103,9 +104,8 @@ def check_gguf_architecture(path: str) -> str:
     from .modeling.adapters import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
     try:
-        field = GGUFReader(path, "r").fields.get("general.architecture")
-        architecture = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
-    except (ValueError, OSError, IndexError) as err:
+        architecture = read_gguf_string(path, "general.architecture")
+    except (ValueError, OSError) as err:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); restore it from its source") from err
     if architecture is None:
         raise ModelLoadError(f"{path} has no general.architecture key, so its family is unknown; restore it from "
@@ -196,6 +196,13 @@ def load_model(
         load_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
     config_kwargs = {k: v for k, v in load_kwargs.items()
                      if k in ("gguf_file", "revision", "trust_remote_code", "token", "cache_dir")}
+    with shared_gguf_parsing() if gguf_file else contextlib.nullcontext():  # one parse for config, weights, tokenizer
+        return _load(name_or_path, task, tokenizer, load_kwargs, config_kwargs, base_model)
+
+
+def _load(name_or_path: str, task: str | None, tokenizer: bool, load_kwargs: dict, config_kwargs: dict,
+          base_model: str | None) -> tuple[PreTrainedModel, Any, str | None]:
+    """``load_model`` once the source is resolved: config (checked), weights (checked), tokenizer."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     except OSError as err:
@@ -224,7 +231,8 @@ def load_model(
         check_config(config, required=False)  # a corrupt `pruning_config` fails here too, before any allocation
     logger.info("loading %s as %s", name_or_path, TASKS[task][0])
     try:
-        model = auto_class(task).from_pretrained(name_or_path, **load_kwargs)
+        reuse = {"config": config} if "gguf_file" in load_kwargs else {}  # a GGUF config is a parse of the file
+        model = auto_class(task).from_pretrained(name_or_path, **reuse, **load_kwargs)
     except Exception as err:
         broken = broken_weights(name_or_path)
         if broken is None:
