@@ -21,6 +21,8 @@ def test_fast_preset_fills_the_defaults_and_explicit_settings_win():
     assert config.search_iterations == 12  # given
     assert config.search_samples == 2 and config.latency_mlp_levels == 8 and config.latency_repeats == 5
     assert config.probe_samples == 1 and config.speedup_rounds == 3 and config.database_steps == 128
+    assert config.speedup_tolerance == 0.05 and ZipLMConfig(
+        target_speedup=1.25, preset="fast", speedup_tolerance=0.02).speedup_tolerance == 0.02
     assert config.latency == {"seq_len": 128, "batch_size": 2}
     run = config.run_settings(RunConfig())
     assert (run.num_samples, run.seq_len) == (32, 256)
