@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -145,6 +147,86 @@ def test_removing_zero_loss_structures_leaves_outputs_unchanged(family):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(outputs(pruned), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outputs(model), expected)  # the dense model is left alone
+
+
+# ------------------------------------------------------------------------------ post-norms (Gemma 2/3, OLMo 2)
+def _databases_agree(a, b, rel):
+    for layer in a.layers:
+        for kind in ("attention", "mlp"):
+            x, y = getattr(a.layers[layer], kind), getattr(b.layers[layer], kind)
+            assert x.levels.keys() == y.levels.keys()
+            for key, level in x.levels.items():
+                assert y.levels[key].removed == level.removed, (layer, kind, key)
+                assert y.levels[key].loss == pytest.approx(level.loss, rel=rel, abs=1e-9), (layer, kind, key)
+
+
+@pytest.mark.parametrize("factor", [100.0, 0.01])
+def test_post_norm_losses_do_not_depend_on_the_raw_output_scale(factor):
+    """Gemma 3: scaling a sublayer's output projection leaves the model unchanged (its post-norm undoes the
+    scale), so its levels and losses must not change either; on the raw output they would scale by factor²."""
+    model = FAMILIES["gemma3_text"].build()
+    for module in model.modules():  # the norms undo the scale exactly, also at 0.01 (tiny outputs meet eps)
+        if hasattr(module, "eps"):
+            module.eps = 1e-30
+    adapter = get_adapter(model)
+    scaled = copy.deepcopy(model)
+    block = adapter.layers(scaled)[1]
+    with torch.no_grad():
+        for path in (adapter.attention_out, adapter.mlp_out):
+            get_weight(get_module(block, path)).mul_(factor)
+    assert torch.allclose(outputs(model), outputs(scaled), atol=1e-4)
+    mlp_kept = [40, 32, 16, 8]
+    base = build_database(model, CALIB, mlp_kept=mlp_kept, options=OPTIONS)
+    other = build_database(scaled, CALIB, mlp_kept=mlp_kept, options=OPTIONS)
+    assert base.info["post_norm_gains"] is True
+    _databases_agree(base, other, rel=1e-3)
+    raw = base.layers[1].mlp.levels[32].loss
+    assert raw > 0
+
+
+def test_post_norm_full_removal_loss_is_what_the_norm_writes():
+    """Removing a sublayer with a post-norm costs the energy of the norm's output (mean over tokens of |z|²).
+
+    Every layer full attention: the sequential pass replays block 0's mask and rotary embeddings to every block
+    (a sliding layer's, here), so with mixed layer types its later blocks would see other inputs than the model's."""
+    family = FAMILIES["gemma3_text"]
+    config = family.make_config()
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    model = dataclasses.replace(family, make_config=lambda: config).build()
+    adapter = get_adapter(model)
+    energy = {}
+    handles = []
+    for layer, block in enumerate(adapter.layers(model)):
+        for kind, norm in adapter.post_norms(block, model.config).items():
+            handles.append(norm.register_forward_hook(
+                lambda m, a, out, key=(layer, kind): energy.setdefault(key, []).append(out.pow(2).sum(-1).flatten())))
+    with torch.no_grad():
+        model(CALIB)
+    for handle in handles:
+        handle.remove()
+    database = build_database(model, CALIB, mlp_kept=[24], dampening=1e-6, options=OPTIONS)
+    assert len(energy) == 2 * len(database.layers)
+    for (layer, kind), parts in energy.items():
+        sub = getattr(database.layers[layer], kind)
+        full = sub.levels[(0, 0) if kind == "attention" else 0].loss
+        assert full == pytest.approx(float(torch.cat(parts).mean()), rel=1e-3), (layer, kind)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "gpt2", "bert", "gemma", "phi3", "gpt_neox"])
+def test_families_without_post_norms_weight_nothing(family):
+    model = FAMILIES[family].build()
+    adapter = get_adapter(model)
+    assert all(adapter.post_norms(block, model.config) == {} for block in adapter.layers(model))
+    assert "post_norm_gains" not in build_database(model, CALIB, mlp_kept=[24], options=OPTIONS).info
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2"])
+def test_post_norm_families_name_both_norms(family):
+    model = FAMILIES[family].build()
+    adapter = get_adapter(model)
+    for block in adapter.layers(model):
+        norms = adapter.post_norms(block, model.config)
+        assert set(norms) == {"attention", "mlp"} and all(isinstance(n, torch.nn.Module) for n in norms.values())
 
 
 def test_whole_sublayer_goes_with_its_last_unit():

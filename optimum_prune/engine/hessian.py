@@ -113,3 +113,46 @@ class ResidualNorms:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class PostNormGains:
+    """Per block and sublayer with a post-norm (``ArchitectureAdapter.post_norms``): the norm's gain per channel.
+
+    A post-norm (Gemma 2/3, OLMo 2) normalizes the output projection's output y before the residual add, so
+    what reaches the residual stream is z = norm(y), not y: a sublayer whose y is tiny may still write a large
+    z. The gain of channel c is sqrt(Σ_t z_tc² / Σ_t y_tc²) over the calibration tokens (for an RMSNorm, its
+    weight over a y²-weighted mean of the tokens' rms), measured by forward hooks on the norms. Weighting the
+    output projection's rows by it puts structured-OBS losses in residual-stream units; the loss of removing
+    the whole sublayer is then the energy of z itself (a linearization: exact for that level, first-order for
+    partial ones). Rows are independent in OBS, so the removal order and losses change, not the weight update.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sums: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.handles = []
+        adapter = get_adapter(model)
+        for block, layer in zip(adapter.layers(model), original_layer_indices(model)):
+            for sublayer, norm in adapter.post_norms(block, model.config).items():
+                self.handles.append(norm.register_forward_hook(self._hook((layer, sublayer))))
+
+    def _hook(self, key: tuple[int, str]):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            y = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            z = output.detach().reshape(-1, output.shape[-1]).double()
+            sums = self.sums.setdefault(key, [torch.zeros(y.shape[-1], dtype=torch.float64),
+                                              torch.zeros(y.shape[-1], dtype=torch.float64)])
+            sums[0] += z.pow(2).sum(0).cpu()
+            sums[1] += y.pow(2).sum(0).cpu()
+        return hook
+
+    def gain(self, layer: int, sublayer: str) -> torch.Tensor | None:
+        """Per-channel gain (fp32) of the sublayer's post-norm, or None when it has none (or saw no token)."""
+        sums = self.sums.get((layer, sublayer))
+        if sums is None:
+            return None
+        z2, y2 = sums
+        return torch.where(y2 > 0, (z2 / y2.clamp_min(1e-300)).sqrt(), torch.zeros_like(y2)).float()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -202,6 +202,20 @@ class ArchitectureAdapter:
             (self.mlp_pre_norm, self.mlp_post_norm)
         return [path for path in (n(config) for n in norms) if path]
 
+    def post_norms(self, block: nn.Module, config: Any) -> dict[str, nn.Module]:
+        """The norms a sublayer's output passes through before the residual add, by sublayer ("attention",
+        "mlp"); empty for families that add the output projection's output itself (pre-norm and post-LN ones).
+
+        Such a norm rescales the output projection's output token by token, so an error there reaches the
+        residual stream multiplied by the norm's gain: ZipLM's level database weights the output projection's
+        rows by that gain, measured on the calibration tokens (``engine.hessian.PostNormGains``)."""
+        out = {}
+        for sublayer, norm in (("attention", self.attention_post_norm), ("mlp", self.mlp_post_norm)):
+            path = norm(config)
+            if path:
+                out[sublayer] = get_module(block, path)
+        return out
+
     def neuron_rows(self, path: str, neurons: torch.Tensor, width: int) -> torch.Tensor:
         """Output rows of FFN input projection ``path`` that carry ``neurons`` (of ``width`` per block)."""
         blocks = self.fused_mlp_in.get(path, 1)

@@ -8,6 +8,12 @@ yields every level. The database keeps only WHICH units each level removes and i
 corrected weights of any level are recomputed exactly from the dense W and H when a level is used
 (``refit``), instead of storing a weight copy per level.
 
+Post-norms (Gemma 2/3, OLMo 2: a norm between the output projection and the residual add): the projection's
+output is rescaled token by token, so its raw error says nothing about the residual stream (on Gemma 3 270M the
+raw output of a late MLP is ~1000x smaller than what its post-norm writes). The projection's rows are weighted by
+the norm's measured per-channel gain (``engine.hessian.PostNormGains``) before the levels are computed: losses in
+residual-stream units, the weights refit from the unweighted W.
+
 The Hessians dominate its size (fp32, in_features² per sublayer: about 17 GB for a 7B Llama). Past
 ``spill_above`` bytes they are written to safetensors files and memory-mapped (``HessianSpill``): pages are
 read on use and the kernel may drop them again, so a database larger than host memory still serves.
@@ -34,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
-from ..hessian import ResidualNorms
+from ..hessian import PostNormGains, ResidualNorms
 from ..layers import LinearGroup, get_weight
 from ..obs import dampened_inverse
 from ..sequential import SequentialOptions, run_sequential
@@ -317,6 +323,9 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
         subs = {}
         for kind, out_kind in (("attention", "attention_out"), ("mlp", "mlp_out")):
             W = get_weight(by_kind[out_kind].modules[0]).float()
+            gain = gains.gain(layer, kind)
+            if gain is not None:  # a post-norm: losses in residual-stream units (the weights are refit unweighted)
+                W = W * gain.to(W.device)[:, None]
             H = hessians[out_kind].float()
             H[torch.diag(H) == 0, torch.diag(H) == 0] = 1.0  # dead inputs
             Hd, Hinv, _ = dampened_inverse(H, dampening)
@@ -338,16 +347,20 @@ def build_database(model: nn.Module, input_ids: torch.Tensor, *, mlp_kept: list[
     options = options or SequentialOptions()
     options = SequentialOptions(**{**options.__dict__, "description": "ZipLM level database", "checkpoint_dir": None})
     residual = ResidualNorms(model)
+    gains = PostNormGains(model)
     try:
         run_sequential(model, input_ids, step, hessians="full", options=options,
                        run_id=f"ziplm database {mlp_kept} {dampening}" + (f" {obs_steps}" if obs_steps != 2048 else ""))
     finally:
         residual.remove()
+        gains.remove()
     for layer, value in residual.medians().items():
         if layer in layers:
             layers[layer].scale = max(value, 1e-12)
     database = LevelDatabase(layers, dims, {"dampening": dampening, "mlp_levels": sorted(set(mlp_kept)),
                                             "calibration_tokens": int(input_ids.numel()), "obs_steps": obs_steps})
+    if gains.sums:
+        database.info["post_norm_gains"] = True
     if spill_above is not None:
         database.info["spilled_mib"] = round(database.spilled_bytes() / 2**20, 2)
     return database
