@@ -5,7 +5,9 @@
 Runs the README's second command exactly as written (a fresh latency-table cache each run, so the table is
 measured as on a new machine), and records: wall time, the measured speedup, perplexity before/after,
 `python -X importtime -c "import optimum_prune"` total, and `optimum-prune --help` wall time. The 1-minute
-load average before and after each step says how busy the machine was. Results go to
+load average before and after each step says how busy the machine was, and a reference forward (a random-weight
+model of SmolLM2-135M's shapes, 128 tokens, 2 threads, median of 10) timed before and after each run says how fast
+the VM itself was: this VM has phases (about 330 ms fast, 520-790 ms slow) with nothing else running in it. Results go to
 bench/results/quickstart/results.json.
 """
 
@@ -53,6 +55,25 @@ def help_seconds() -> float:
     return time.perf_counter() - start
 
 
+REFERENCE = """
+import time, torch, transformers
+torch.set_num_threads(2); torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+model, ids, times = transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 49152, (1, 128)), []
+with torch.no_grad():
+    for _ in range(12):
+        start = time.perf_counter(); model(ids); times.append(1000 * (time.perf_counter() - start))
+print(sorted(times[2:])[5])
+"""
+
+
+def reference_ms() -> float:
+    """Median ms of the reference forward (SmolLM2-135M's shapes, random weights, 128 tokens, 2 threads)."""
+    proc = subprocess.run([sys.executable, "-c", REFERENCE], capture_output=True, text=True, check=True)
+    return round(float(proc.stdout.split()[-1]), 1)
+
+
 def run_quickstart(command: str) -> dict:
     """Run the command in the repository root with an empty latency-table cache; parse what it printed."""
     env = dict(os.environ)
@@ -60,7 +81,7 @@ def run_quickstart(command: str) -> dict:
         env["OPTIMUM_PRUNE_CACHE"] = cache
         argv = shlex.split(command)
         argv[0] = str(Path(sys.executable).with_name(argv[0]))
-        load_before = load()
+        reference_before, load_before = reference_ms(), load()
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -69,6 +90,8 @@ def run_quickstart(command: str) -> dict:
     speed = re.search(r"measured_speedup: ([0-9.]+)", out)
     estimate = re.search(r"ZipLM will take about ([^(]+)\(", err)
     return {"returncode": proc.returncode, "wall_s": round(wall, 1), "load_before": load_before, "load_after": load(),
+            "reference_ms_before": reference_before, "reference_ms_after": reference_ms(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "measured_speedup": float(speed.group(1)) if speed else None,
             "perplexity_dense": float(ppl.group(1)) if ppl else None,
             "perplexity_pruned": float(ppl.group(2)) if ppl else None,
