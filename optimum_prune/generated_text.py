@@ -26,9 +26,8 @@ from torch import nn
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .engine.checkpoint import model_fingerprint
+from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .saving import atomic_write_text
-from .teacher_cache import tokenizer_fingerprint
 
 logger = logging.get_logger(__name__)
 

@@ -13,7 +13,6 @@ windows is refused (``rebuild=True`` replaces it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,9 +25,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .engine.checkpoint import model_fingerprint
 from .evaluation.models import LogitsSource, chunk_rows, eval_no_grad, place, require_causal_lm
 from .evaluation.windows import as_windows, batches
+from .fingerprints import content_hash as _hash
+from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .saving import atomic_write_text
 
 logger = logging.get_logger(__name__)
@@ -45,26 +45,10 @@ class TeacherCacheError(ValueError):
     """A teacher cache that cannot be used for this run (another teacher, tokenizer or windows); names the fix."""
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """A short hash of the tokenizer's vocabulary and special tokens (None without a tokenizer)."""
-    if tokenizer is None:
-        return None
-    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
-    special = sorted(map(str, getattr(tokenizer, "all_special_tokens", []) or []))
-    return _hash(type(tokenizer).__name__, vocab, special)
-
-
 def windows_fingerprint(input_ids: torch.Tensor) -> str:
     """A short hash of the token windows (their shape and every id)."""
     ids = as_windows(input_ids)
     return _hash(list(ids.shape), ids.cpu().contiguous().numpy().astype(np.int64).tobytes().hex())
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def cache_identity(teacher: nn.Module, input_ids: torch.Tensor, tokenizer: Any, top_k: int | None,

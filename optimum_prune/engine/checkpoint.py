@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fingerprints import content_hash as _hash
+from ..fingerprints import model_fingerprint
 from ..saving import atomic_write
 
 FORMAT = "optimum-prune sequential checkpoint"
@@ -32,31 +34,6 @@ _OURS = re.compile(r"^\.?(block_\d{4}(\.extra)?\.safetensors|activations_\d{4}\.
 
 class CheckpointError(RuntimeError):
     """A checkpoint_dir that cannot be resumed (foreign, of another run, or corrupt); says to remove it."""
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(part.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Class, config (less volatile keys), and every parameter's name, shape, dtype and a strided sample."""
-    config = getattr(model, "config", None)
-    settings = {}
-    if config is not None and hasattr(config, "to_dict"):
-        settings = {k: v for k, v in config.to_dict().items()
-                    if not k.startswith("_") and k not in ("transformers_version", "pruning_config")}
-    parts: list[Any] = [type(model).__name__, settings]
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256] if flat.numel() and p.device.type != "meta" else None
-        parts += [name, list(p.shape), str(p.dtype)] + ([sample] if sample is not None else [])
-    return _hash(*parts)
 
 
 def run_fingerprint(model: nn.Module, run_id: str, input_ids: torch.Tensor, batch_size: int) -> dict[str, str]:
