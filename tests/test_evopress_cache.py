@@ -73,6 +73,52 @@ def test_resumed_forward_equals_the_full_forward_and_unknown_inputs_run_normally
     assert all(set(per) <= {1} for per in cache.states.values())
 
 
+def test_a_candidate_that_becomes_the_parent_hands_over_its_states():
+    """The boundary states a candidate computes in a resumed forward with ``capture`` are adopted when it becomes
+    the parent: those windows need no refill, and the states equal the new parent's own fill bit for bit. A
+    candidate that does not become the parent leaves nothing behind; the capture stays within its budget."""
+    model = FAMILIES["llama-gqa"].build()
+    parent, winner, loser = [(0, 0), (1, 0), (0, 0), (0, 1)], [(0, 0), (1, 0), (1, 0), (0, 0)], [(0, 0), (1, 0),
+                                                                                                  (0, 0), (1, 1)]
+    cache = PrefixCache(model, CALIB, 512)
+    cache.set_parent(parent)
+    with dropped_sublayers(model, {1}, {3}):
+        cache.fill(model, [0, 3, 5], batch_size=2)
+    start = cache.start_for(winner)
+    assert start == 2
+    with torch.no_grad():
+        with dropped_sublayers(model, {1, 3}, {3}), cache.resume(model, cache.start_for(loser), capture=loser):
+            model(input_ids=CALIB[[0, 3]])
+        with dropped_sublayers(model, {1, 2}, set()), cache.resume(model, start, capture=winner):
+            model(input_ids=CALIB[[0, 3]])  # resumed at boundary 2
+            model(input_ids=CALIB[[1]])  # a window without states: every block runs, its states are kept too
+            model(input_ids=CALIB[[2], :8])  # not a scoring window: nothing kept
+    assert set(cache.pending) == {tuple(winner), tuple(loser)}
+    cache.set_parent(winner)
+    assert cache.pending == {} and cache.stats.adopted_windows == 3
+    assert cache.missing([0, 3, 1], 3) == [] and cache.missing([0, 3, 1], 4) == []
+    assert cache.missing([0, 3, 1, 5], 2) == [1]  # at or before the first change the old parent's stay
+    assert cache.missing([5], 3) == [5]  # past it a window the winner did not run needs a fill
+    fresh = PrefixCache(model, CALIB, 512)
+    fresh.set_parent(winner)
+    with dropped_sublayers(model, {1, 2}, set()):
+        fresh.fill(model, [0, 3, 1], batch_size=2)
+    for w in (0, 3, 1):
+        for b in (3, 4):
+            assert torch.equal(cache.states[w][b], fresh.states[w][b])
+    # a capture nobody adopts is dropped; none is kept past the capture budget
+    with torch.no_grad(), dropped_sublayers(model, {1, 3}, {3}), cache.resume(model, 3, capture=loser):
+        model(input_ids=CALIB[[0]])
+    assert cache.pending[tuple(loser)]
+    cache.discard_captured()
+    assert cache.pending == {}
+    cache.capture_bytes = 0
+    with torch.no_grad(), dropped_sublayers(model, {1, 3}, {3}), cache.resume(model, 3, capture=loser):
+        model(input_ids=CALIB[[0]])
+    cache.set_parent(loser)
+    assert cache.stats.adopted_windows == 3 and cache.missing([0], 4) == [0]
+
+
 def test_boundaries_fit_the_budget():
     assert choose_boundaries(30, 32, 2**20, 10_000) == list(range(1, 31))
     picked = choose_boundaries(30, 32, 2**20, 32 * 8)
@@ -152,6 +198,8 @@ def test_fast_path_reuses_scored_windows(monkeypatch, tmp_path):
     on, on_parents = trajectory(monkeypatch, tmp_path, model, 512, "on", num_blocks=1, sublayers=True)
     windows = on.info["window_scores"]
     assert windows["reused"] > 0 and windows["scored"] > 0
+    assert len({tuple(p) for p, _ in on_parents}) > 1  # the parent changed: its scored windows were handed over
+    assert on.info["activation_cache"]["adopted_windows"] > 0
     assert on_parents == off_parents and on.info["fitness"] == off.info["fitness"]
     assert (on.drop_attention, on.drop_mlp) == (off.drop_attention, off.drop_mlp)
     assert "window_scores" not in off.info

@@ -7,6 +7,10 @@ last one, ``depth``, is what enters the final norm, so the parent itself is re-s
 Memory is ``windows x boundaries x seq_len x hidden x bytes``; the boundaries kept are chosen to fit a budget.
 A forward of the model on a cached window with ``resume(model, start)`` replays boundary ``start`` for blocks
 ``0 .. start - 1`` (their ``forward`` is patched for the duration); any other input runs normally.
+
+A candidate's resumed forward can also ``capture`` its own boundary states (``resume(..., capture=signature)``):
+if that candidate becomes the next parent, ``set_parent`` adopts them for the windows it ran on, instead of
+re-running the new parent on those windows from the last boundary the two share.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ class PrefixCacheStats:
     blocks_skipped: int = 0
     blocks_total: int = 0
     filled_windows: int = 0
+    adopted_windows: int = 0
     peak_mib: float = 0.0
     boundaries: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"resumed": self.resumed, "full": self.full, "filled_windows": self.filled_windows,
+                "adopted_windows": self.adopted_windows,
                 "skipped_block_fraction": round(self.blocks_skipped / max(1, self.blocks_total), 4),
                 "peak_mib": round(self.peak_mib, 1), "boundaries": list(self.boundaries)}
 
@@ -58,7 +64,10 @@ def choose_boundaries(depth: int, windows: int, bytes_per_state: int, budget_mib
 
 
 class PrefixCache:
-    """The parent's boundary states per scoring window (see the module docstring); ``budget_mib`` bounds them."""
+    """The parent's boundary states per scoring window (see the module docstring); ``budget_mib`` bounds them,
+    and the candidates' captured states take at most ``CAPTURE_SHARE`` of it on top."""
+
+    CAPTURE_SHARE = 0.25
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, budget_mib: float) -> None:
         self.adapter = get_adapter(model)
@@ -71,7 +80,9 @@ class PrefixCache:
         itemsize = next(model.parameters()).element_size()
         self.state_bytes = windows.shape[1] * hidden * itemsize
         self.boundaries = choose_boundaries(self.depth, windows.shape[0], self.state_bytes, budget_mib)
+        self.capture_bytes = int(self.CAPTURE_SHARE * budget_mib * 2**20)
         self.states: dict[int, dict[int, torch.Tensor]] = {}
+        self.pending: dict[tuple[Any, ...], dict[int, dict[int, torch.Tensor]]] = {}  # captured, per signature
         self.parent: list[Any] | None = None
         self.tuple_output: bool | None = None
         self.stats = PrefixCacheStats(boundaries=list(self.boundaries))
@@ -86,7 +97,11 @@ class PrefixCache:
         return bool(self.boundaries)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for per in self.states.values() for t in per.values())
+        return self._bytes(self.states) + sum(self._bytes(held) for held in self.pending.values())
+
+    @staticmethod
+    def _bytes(states: dict[int, dict[int, torch.Tensor]]) -> int:
+        return sum(t.numel() * t.element_size() for per in states.values() for t in per.values())
 
     # ------------------------------------------------------------------------------ parent and candidates
     def set_parent(self, signature: Sequence[Any]) -> None:
@@ -97,6 +112,17 @@ class PrefixCache:
         for per in self.states.values():
             for b in [b for b in per if b > keep]:
                 del per[b]
+        adopted = self.pending.get(tuple(signature), {})
+        for w, per in adopted.items():  # the new parent's own states, captured when it was scored as a candidate
+            held = self.states.setdefault(w, {})
+            for b, state in per.items():
+                held.setdefault(b, state)  # at or before ``keep`` both parents' states are the same numbers
+        self.stats.adopted_windows += len(adopted)
+        self.pending.clear()
+
+    def discard_captured(self) -> None:
+        """Forget the candidates' captured states (none of them became the parent)."""
+        self.pending.clear()
 
     def start_for(self, signature: Sequence[Any]) -> int:
         """The boundary a candidate resumes at: the last kept one at or before its first change (0: none)."""
@@ -153,26 +179,27 @@ class PrefixCache:
 
     # ------------------------------------------------------------------------------ resumed forwards
     @contextlib.contextmanager
-    def resume(self, model: nn.Module, start: int, count: bool = True) -> Iterator[nn.Module]:
+    def resume(self, model: nn.Module, start: int, count: bool = True,
+               capture: Sequence[Any] | None = None) -> Iterator[nn.Module]:
         """Inside, a forward of ``model`` on cached windows skips blocks ``0 .. start - 1`` (boundary ``start``
-        replayed); other inputs (probes, unknown windows) run every block."""
-        if start <= 0:
-            if count:
-                self.stats.full += 1
-                self.stats.blocks_total += self.depth
-            yield model
-            return
+        replayed); other inputs (probes, unknown windows) run every block. With ``capture`` (``model``'s
+        signature), the kept boundaries after ``start`` that ``model`` computes on cached windows are kept for
+        ``set_parent(capture)`` (at most ``CAPTURE_SHARE`` of the budget, for every candidate together)."""
+        start = max(0, start)
         layers = self.adapter.layers(model)
         base = model.base_model
-        current: dict[str, Any] = {"states": None}
+        current: dict[str, Any] = {"states": None, "found": None}
 
         def pre(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
-            current["states"] = None
+            current["states"] = current["found"] = None
             if ids is None:
                 return
             found = [self.index.get(row.cpu().numpy().tobytes()) for row in ids]
-            if all(w is not None and start in self.states.get(w, {}) for w in found):
+            if any(w is None for w in found):
+                return
+            current["found"] = found
+            if start and all(start in self.states.get(w, {}) for w in found):
                 current["states"] = torch.stack([self.states[w][start] for w in found])
 
         def replay(original):
@@ -183,24 +210,50 @@ class PrefixCache:
                 return (states,) if self.tuple_output else states
             return forward
 
-        handle = base.register_forward_pre_hook(pre, with_kwargs=True)
+        handles = []
+        if start > 0 or capture is not None:
+            handles.append(base.register_forward_pre_hook(pre, with_kwargs=True))
+        if capture is not None:
+            kept = self.pending.setdefault(tuple(capture), {})
+            handles += [layers[b - 1].register_forward_hook(self._keep(kept, current, b))
+                        for b in self.boundaries if b > start]
         patched = [layers[i] for i in range(min(start, len(layers)))]
         saved = [block.__dict__.get("forward") for block in patched]  # an instance forward (accelerate) stays
         for block in patched:
             block.forward = replay(block.forward)
         if count:
-            self.stats.resumed += 1
+            self.stats.resumed += int(start > 0)
+            self.stats.full += int(start <= 0)
             self.stats.blocks_skipped += start
             self.stats.blocks_total += self.depth
         try:
             yield model
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             for block, previous in zip(patched, saved):
                 if previous is None:
                     del block.forward  # the instance attribute; the class's forward shows through again
                 else:
                     block.forward = previous
+            self.stats.peak_mib = max(self.stats.peak_mib, self.nbytes() / 2**20)
+
+    def _keep(self, kept: dict[int, dict[int, torch.Tensor]], current: dict[str, Any], boundary: int):
+        """A forward hook keeping a candidate's state at ``boundary`` for the windows of the current forward."""
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            found = current["found"]
+            if found is None:
+                return
+            self.tuple_output = isinstance(output, tuple)
+            out = (output[0] if isinstance(output, tuple) else output).detach()
+            size = out[0].numel() * out.element_size()
+            for j, w in enumerate(found):
+                if boundary in kept.get(w, {}):
+                    continue
+                if sum(self._bytes(held) for held in self.pending.values()) + size > self.capture_bytes:
+                    return
+                kept.setdefault(w, {})[boundary] = out[j].clone()
+        return hook
 
 
 class _Filled(Exception):

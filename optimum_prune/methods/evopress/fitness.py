@@ -1,5 +1,7 @@
 """EvoPress fitness with exact savings: a candidate starts from its parent's cached activations at its first
-changed block, an evaluation that can no longer be selected stops early, identical candidates are scored once.
+changed block, an evaluation that can no longer be selected stops early, identical candidates are scored once;
+a candidate scored at the last selection step keeps its own block states, so if it becomes the parent they are
+adopted instead of being recomputed.
 KL fitness (causal LMs) is computed window by window: a (state, window) scored once is never scored again (the
 parent, re-scored at every last selection step, mostly costs nothing), and a stop skips the windows after it and
 the vocabulary head of the rest of its own window; the head's logits and log-probs reuse two buffers.
@@ -38,13 +40,14 @@ class CachedFitness:
 
     def __init__(self, scorer: CalibrationScorer, model_for: Callable[[list[int]], ContextManager[nn.Module]],
                  signature: Signature, default_rows: Callable[[int], list[int]], cache: PrefixCache | None,
-                 batch_size: int, by_window: bool = True) -> None:
+                 batch_size: int, by_window: bool = True, capture_step: int | None = None) -> None:
         self.scorer = scorer
         self.model_for = model_for
         self.signature = signature
         self.default_rows = default_rows
         self.cache = cache if cache is not None and cache.enabled else None
         self.batch_size = batch_size
+        self.capture_step = capture_step  # the selection step whose candidates may become the parent
         self.parent: list[int] | None = None
         self.threshold: float | None = None
         # window by window (KL of causal LMs only): per-position KL memo and how it was used
@@ -71,10 +74,21 @@ class CachedFitness:
         finally:
             self.threshold = previous
 
+    def _capture(self, state: list[int], step: int) -> list[Any] | None:
+        """The signature under which ``state``'s resumed forwards keep their states: candidates of the last
+        selection step only (the others cannot become the parent; their captures of earlier steps are dropped)."""
+        if self.cache is None or self.capture_step is None:
+            return None
+        if step != self.capture_step:
+            self.cache.discard_captured()
+            return None
+        return None if state == self.parent else self.signature(state)
+
     def __call__(self, state: list[int], step: int, rows: list[int] | None = None) -> float:
         rows = rows if rows is not None else self.default_rows(step)
+        capture = self._capture(state, step)
         if self.by_window:
-            return self._by_window(state, rows)
+            return self._by_window(state, rows, capture)
         start = 0
         if self.cache is not None and self.parent is not None:
             start = self.cache.start_for(self.signature(state))
@@ -85,11 +99,11 @@ class CachedFitness:
         with self.model_for(state) as model, self.scorer.stopping_above(self.threshold):
             if self.cache is None:
                 return self.scorer(model, rows)
-            with self.cache.resume(model, start):
+            with self.cache.resume(model, start, capture=capture):
                 return self.scorer(model, rows)
 
     # ------------------------------------------------------------------------------ window by window
-    def _by_window(self, state: list[int], rows: list[int]) -> float:
+    def _by_window(self, state: list[int], rows: list[int], capture: list[Any] | None = None) -> float:
         """The KL on ``rows`` as ``scorer`` computes it (same chunks, same order, same stop), each window scored
         on its own when first needed: windows this state was scored on before come from the memo, windows after
         a stop are never run."""
@@ -121,7 +135,7 @@ class CachedFitness:
                 if not opened:  # eval mode and the resumed forward, once and only if a window must run
                     stack.enter_context(eval_no_grad(model))
                     if self.cache is not None:
-                        stack.enter_context(self.cache.resume(model, start))
+                        stack.enter_context(self.cache.resume(model, start, capture=capture))
                     opened.update(source=self._logits_source(model), device=model_device(model))
                 window, self._vocab = window_kl(opened["source"], reference, row, opened["device"], lazy=True,
                                                 workspace=self.workspace)
@@ -213,7 +227,8 @@ def search_fitness(model: nn.Module, scorer: CalibrationScorer,
     def signature(state: list[int]) -> list[tuple[int, ...]]:
         return [tuple(state[i] for i in units) for units in by_block]
 
-    return CachedFitness(scorer, model_for, signature, rows_of, cache, batch_size)
+    return CachedFitness(scorer, model_for, signature, rows_of, cache, batch_size,
+                         capture_step=len(settings.windows) - 1)
 
 
 def fitness_info(fitness: Callable[..., float]) -> dict[str, Any]:
