@@ -420,3 +420,37 @@ def test_checkpoint_of_other_settings_is_not_reused(tmp_path):
     b = Pruner(copy.deepcopy(model))
     b.prune("sparsegpt", sparsity=0.3, checkpoint_dir=tmp_path / "c", **RUN)
     assert torch.equal(output(a.model), output(b.model))
+
+
+# ----------------------------------------------------------------------------- the sequential pass
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama-gqa"])
+def test_sequential_pass_gives_each_block_its_own_inputs(family):
+    """Every block's input Hessians in the sequential pass equal those of the model's own forward. Gemma 2 / 3 mix
+    sliding and full attention layers (other masks; Gemma 3 also other rotary embeddings), so block 0's mask and
+    position embeddings may not be replayed to every block."""
+    from optimum_prune import get_adapter
+    from optimum_prune.engine.sequential import mixed_layer_types, run_sequential
+
+    model = FAMILIES[family].build()
+    adapter = get_adapter(model)
+    assert (mixed_layer_types(model) is not None) == family.startswith("gemma")
+    expected: dict[int, torch.Tensor] = {}
+    handles = [adapter.mlp_linears(block)[1].register_forward_pre_hook(
+        lambda m, a, i=i: expected.__setitem__(i, expected.get(i, 0) + a[0].reshape(-1, a[0].shape[-1]).t()
+                                               @ a[0].reshape(-1, a[0].shape[-1])))
+        for i, block in enumerate(adapter.layers(model))]
+    with torch.no_grad():
+        for batch in CALIB.split(4):
+            model(input_ids=batch, attention_mask=torch.ones_like(batch))
+    for handle in handles:
+        handle.remove()
+    seen: dict[int, torch.Tensor] = {}
+
+    def step(layer, block, groups, hessians):
+        seen[layer] = hessians["mlp_out"]
+
+    step.modifies_weights = False
+    run_sequential(model, CALIB, step, hessians="full", options=SequentialOptions(batch_size=4, progress=False))
+    for layer, H in seen.items():
+        reference = expected[layer] * (2.0 / CALIB.numel())
+        assert torch.allclose(H, reference, rtol=1e-4, atol=1e-6 * reference.abs().max()), layer

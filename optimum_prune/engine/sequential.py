@@ -84,32 +84,74 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def mixed_layer_types(model: nn.Module) -> list[str] | None:
+    """The per-layer ``layer_types`` (the adapter's ``layer_types_key``) when they differ between blocks, else None.
+
+    Blocks of different types take different inputs besides the hidden states (Gemma 3: a sliding-window or
+    a full causal mask, local or global rotary embeddings), so block 0's may not be replayed to every block.
+    """
+    adapter = get_adapter(model)
+    key = adapter.layer_types_key
+    types = list(getattr(model.config, key, None) or []) if key else []
+    return types if len(set(types)) > 1 and len(types) == len(adapter.layers(model)) else None
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                         store: torch.device | str) -> list[tuple[torch.Tensor, tuple, dict[str, Any]]]:
-    """(hidden_states, other positional args, kwargs) entering block 0, one entry per calibration batch."""
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, store: torch.device | str
+                         ) -> tuple[list[tuple[torch.Tensor, tuple, dict[str, Any]]], list[dict[str, tuple]]]:
+    """(hidden_states, other positional args, kwargs) entering block 0, one entry per calibration batch; and,
+    for a model whose blocks have different ``layer_types``, per batch the (args, kwargs) entering the first
+    block of each type (the forward then runs up to the last of those blocks), else an empty list."""
     layers = get_adapter(model).layers(model)
+    types = mixed_layer_types(model)
+    firsts = {} if types is None else {t: types.index(t) for t in dict.fromkeys(types)}
+    last = max(firsts.values(), default=0)
     records: list[tuple[torch.Tensor, tuple, dict[str, Any]]] = []
+    by_type: list[dict[str, tuple]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         records.append((hidden.to(store), send_to_device(tuple(args[1:]), store), send_to_device(kwargs, store)))
-        raise _StopForward
+        if last == 0:
+            raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def type_hook(layer_type: str, index: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            kwargs.pop("hidden_states", None)
+            by_type[-1][layer_type] = (send_to_device(tuple(args[1:]), store), send_to_device(kwargs, store))
+            if index == last:
+                raise _StopForward
+        return record
+
+    handles = [layers[0].register_forward_pre_hook(hook, with_kwargs=True)]
+    handles += [layers[i].register_forward_pre_hook(type_hook(t, i), with_kwargs=True) for t, i in firsts.items()]
+    # the blocks before the last recorded one pass their input through: the masks and position embeddings are
+    # made before the first block, so no block needs to run (nor, for a streamed model, to be read)
+    for block in list(layers)[:last]:
+        block.forward = _pass_through
     model_device = next(model.parameters()).device
     extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
     try:
         for batch in input_ids.split(batch_size):
+            if types is not None:
+                by_type.append({})
             try:
                 model(input_ids=batch.to(model_device), attention_mask=torch.ones_like(batch, device=model_device),
                       **extra)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return records
+        for handle in handles:
+            handle.remove()
+        for block in list(layers)[:last]:
+            del block.forward  # the class's forward again
+    return records, by_type
+
+
+def _pass_through(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states if hidden_states is not None else args[0]
 
 
 def _block_forward(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict[str, Any]],
@@ -169,9 +211,10 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
 
     stream = block_stream(model)
     with resident_stem(model, layers):  # a streamed model's embeddings are real only for the capture
-        records = capture_block_inputs(model, input_ids, options.batch_size, store)
+        records, by_type = capture_block_inputs(model, input_ids, options.batch_size, store)
     hidden = [h for h, _, _ in records]
     kwargs = [(a, k) for _, a, k in records]
+    types = mixed_layer_types(model) if by_type else None
     if first:
         hidden = ckpt.load_activations(store)
 
@@ -184,6 +227,8 @@ def _run_blocks(model: nn.Module, input_ids: torch.Tensor, compress: BlockFn, he
         prefix = _stream_in(model, stream, block)
         onload = _onload(block, device)
         groups = linear_groups(adapter, block)
+        if types is not None:  # this block's own mask and position embeddings (its layer type's)
+            kwargs = [b[types[index]] for b in by_type]
         H: dict[str, torch.Tensor] = {}
         outputs: list[torch.Tensor] | None = None
         if hessians and groups:
