@@ -32,7 +32,8 @@ class EvoPressSettings(ConfigBase):
     state_file: Any = option(None, "search state (JSON, rewritten every generation): an interrupted search "
                                    "resumes from it")
     cache_mib: float = option(512, "memory for the parent's activations at block boundaries on the scoring "
-                                   "windows: a candidate starts at its first changed block, evaluations that cannot "
+                                   "windows (plus at most a quarter of it for last-step candidates' own, handed "
+                                   "over if one becomes the parent): a candidate starts at its first changed block, evaluations that cannot "
                                    "be selected stop early, identical candidates are scored once (same scores, same "
                                    "search); 0: off, every candidate a full forward")
     fresh_windows: bool = option(True, "draw each selection step's windows afresh from the calibration set (the "
