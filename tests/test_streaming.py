@@ -41,7 +41,7 @@ def saved(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=["llama-gqa", "llama-mha-tied"])
+@pytest.fixture(params=["llama-gqa", "llama-mha-tied", "gemma3_text"])  # gemma3: sliding + full layers, post-norms
 def checkpoint(request, saved):
     return saved(request.param)
 

@@ -77,7 +77,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 FAST_SUMMARY = ("32 calibration windows of 256 tokens, a latency table of 8 FFN widths timed 5 times at 128 "
                 "tokens, 128 OBS steps per FFN, Hessian dampening 0.1 (fewer tokens, steadier inverses), "
                 "sensitivity probes on 1 window, 8 refinement steps on 2 windows, 3 timing rounds per speedup "
-                "check, re-aiming only beyond ±5% (3 rounds vary about that much on a shared CPU)")
+                "check, re-aiming only when it misses by over 5 percent (3 rounds vary about that much on a "
+                "shared CPU)")
 
 
 @dataclass
