@@ -29,7 +29,8 @@ from .hessian import ResidualNorms
 from .layers import LinearGroup, get_weight, set_weight
 from .obs import PruneSpec, compress_weight
 from .quant import QuantSpec
-from .sequential import SequentialOptions, fingerprint, run_sequential
+from ..fingerprints import content_hash as fingerprint
+from .sequential import SequentialOptions, run_sequential
 
 logger = logging.get_logger(__name__)
 

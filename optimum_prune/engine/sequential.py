@@ -9,12 +9,9 @@ block a checkpoint (block weights + next inputs) is written, so an interrupted r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -71,17 +68,6 @@ class _StopForward(Exception):
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short hash of the settings and data that define a run (a checkpoint only resumes an identical run)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def mixed_layer_types(model: nn.Module) -> list[str] | None:

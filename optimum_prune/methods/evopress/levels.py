@@ -34,7 +34,8 @@ from ...engine.layers import get_weight, set_weight
 from ...engine.level_store import LevelStore, build_level_store, sparsity_levels
 from ...engine.quant import QuantSpec
 from ...engine.schedule import LayerStatistics, hessian_kmeans
-from ...engine.sequential import SequentialOptions, fingerprint
+from ...engine.sequential import SequentialOptions
+from ...fingerprints import content_hash as fingerprint
 from .config import EvoPressSettings
 from .fitness import fitness_info, loaded, search_fitness
 from .search import evolve

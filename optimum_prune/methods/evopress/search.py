@@ -27,7 +27,7 @@ from transformers.utils.logging import tqdm
 
 from ...engine.importance import angular_distance, block_influence
 from ...engine.layers import original_layer_indices
-from ...engine.sequential import fingerprint
+from ...fingerprints import content_hash as fingerprint
 from ...modeling.adapters import get_adapter, get_module, set_module
 from ...modeling.surgery import DroppedAttention, EmptyProjection, ZeroProjection, out_features
 from ...saving import atomic_write_text
