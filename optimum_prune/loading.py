@@ -218,6 +218,10 @@ def _load(name_or_path: str, task: str | None, tokenizer: bool, load_kwargs: dic
             raise ModelLoadError(f"{name_or_path} is a model type this transformers version does not know (its "
                                  "config.json's model_type); optimum-prune compresses the families listed in "
                                  "docs/support_matrix.md. Upgrade transformers if the family is newer") from err
+        if "gguf_file" in config_kwargs:  # the header check read only up to general.architecture
+            gguf_path = os.path.join(name_or_path, config_kwargs["gguf_file"])
+            raise ModelLoadError(f"{gguf_path} could not be parsed ({' '.join(str(err).split())}): the GGUF file is "
+                                 "truncated or corrupt; restore it from its source") from err
         raise ModelLoadError(f"the config.json of {name_or_path} holds a value transformers refuses "
                              f"({' '.join(str(err).split())}); restore it from the original checkpoint") from err
     get_adapter(config)  # an unsupported family fails here, before weights are read

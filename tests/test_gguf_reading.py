@@ -65,3 +65,16 @@ def test_one_load_parses_the_file_once(tmp_path, monkeypatch):
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     assert gguf.GGUFReader is Counting  # restored after the block
     assert gguf.GGUFReader(path) is not first and len(parses) == 2
+
+
+def test_a_truncated_gguf_is_named_as_such(tmp_path):
+    from optimum_prune import ModelLoadError, Pruner
+
+    write_gguf_of_architecture(str(tmp_path / "full.gguf"), "llama", floats=64)
+    data = (tmp_path / "full.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:100])  # general.architecture survives, the rest of the header does not
+    assert read_gguf_string(str(tmp_path / "cut.gguf"), "general.architecture") == "llama"
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf could not be parsed .*truncated or corrupt; restore it"):
+        Pruner.from_pretrained(str(tmp_path), gguf_file="cut.gguf")
+    assert sorted(os.listdir(tmp_path)) == before
